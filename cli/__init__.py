@@ -1,0 +1,1 @@
+"""The ``tinyv`` command line: parses and prints, the work lives in the library."""

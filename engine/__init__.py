@@ -1,0 +1,1 @@
+"""Runs TinyGPT-V: the model, its pre-processing, prompts and generation."""

@@ -1,0 +1,211 @@
+"""TinyGPT-V in PyTorch, fp32: image -> 32 embeddings spliced into a Phi-2 prompt -> tokens.
+
+Public API (kept stable for parity checks and research use)::
+
+    m = TinyGPTV.from_checkpoints(phi2=..., vit=..., qformer=..., stage=..., image_size=448)
+    m.encode_image(image)              # -> [1, 32, 2560] fp32
+    m.next_token_logits(image, prompt) # -> [vocab]
+    m.generate(image, prompt, max_new_tokens=20, greedy=True)  # -> new token ids
+"""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from tinyv.engine.config import TinyGPTVConfig
+from tinyv.engine.errors import TinyVError
+from tinyv.engine.image import preprocess
+from tinyv.engine.phi import PhiForCausalLM
+from tinyv.engine.prompts import STOP_STRINGS, build_prompt, cut_at_stop, held_back, split_prompt
+from tinyv.engine.qformer import QFormer
+from tinyv.engine.sampling import make_sampler
+from tinyv.engine.tokenizer import StreamDecoder, Tokenizer
+from tinyv.engine.vision import EVAViT, FP32LayerNorm
+
+
+def peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / (1024 * 1024) if sys.platform == "darwin" else kb / 1024
+
+
+@dataclass
+class GenerationStep:
+    """One streamed piece of the answer. ``timings`` is set on the last one only."""
+
+    text: str
+    token: int | None
+    finish_reason: str | None = None  # "stop" (### seen), "eos", "length"
+    timings: dict | None = field(default=None)
+
+
+class TinyGPTV(nn.Module):
+    def __init__(self, config: TinyGPTVConfig, tokenizer: Tokenizer | None = None):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.visual = EVAViT(config.vision)
+        self.ln_vision = FP32LayerNorm(config.vision.width, eps=config.ln_vision_eps)
+        self.qformer = QFormer(config.qformer)
+        self.llama_proj = nn.Linear(config.qformer.hidden, config.proj_hidden)
+        self.llama_proj2 = nn.Linear(config.proj_hidden, config.phi.hidden)  # no activation between
+        self.phi = PhiForCausalLM(config.phi)
+
+    # -- loading -------------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoints(
+        cls,
+        phi2,
+        vit,
+        qformer,
+        stage,
+        image_size: int | None = None,
+        preset: str | TinyGPTVConfig | None = None,
+    ) -> "TinyGPTV":
+        """Build the model from the files users download (local paths or hub names, SPEC §2).
+
+        ``preset`` names the vision/Q-Former architecture (default: the real one, ``stage4``);
+        the Phi-2 architecture comes from the folder's ``config.json``.
+        """
+        from tinyv.export.loaders import load_model
+
+        return load_model(phi2=phi2, vit=vit, qformer=qformer, stage=stage, image_size=image_size, preset=preset)
+
+    # -- vision --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pre-processed pixels [B, 3, S, S] -> image embeddings [B, num_queries, phi.hidden]."""
+        tokens = self.ln_vision(self.visual(pixels))
+        queries = self.qformer(tokens)
+        return self.llama_proj2(self.llama_proj(queries))
+
+    def encode_image(self, image) -> torch.Tensor:
+        """A PIL image, path or bytes -> [1, num_queries, phi.hidden] fp32."""
+        return self.encode_pixels(preprocess(image, self.config.image_size))
+
+    # -- prompt --------------------------------------------------------------------------------
+    def _need_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise TinyVError("this model was built without a tokenizer; load it with from_checkpoints")
+        return self.tokenizer
+
+    def prompt_embeds(self, prompt: str, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Text before the image, the image embeddings, text after: [1, L, hidden] (SPEC §1.9)."""
+        tok = self._need_tokenizer()
+        before, after = split_prompt(prompt)
+        embed = self.phi.embed_tokens
+        parts = [
+            embed(torch.tensor([tok.encode(before)], dtype=torch.long)),
+            image_embeds.to(embed.weight.dtype),
+            embed(torch.tensor([tok.encode(after)], dtype=torch.long)),
+        ]
+        return torch.cat(parts, dim=1)
+
+    def _image_embeds(self, image) -> torch.Tensor:
+        return image if isinstance(image, torch.Tensor) else self.encode_image(image)
+
+    @torch.inference_mode()
+    def next_token_logits(self, image, prompt: str) -> torch.Tensor:
+        """Logits [vocab] for the token after ``prompt`` (raw template with <ImageHere>)."""
+        embeds = self.prompt_embeds(prompt, self._image_embeds(image))
+        self._check_length(embeds.shape[1], 0)
+        hidden = self.phi(embeds)
+        return self.phi.logits(hidden[0, -1]).float()
+
+    def _check_length(self, prompt_len: int, max_new_tokens: int) -> None:
+        limit = self.config.phi.max_positions
+        if prompt_len >= limit:
+            raise TinyVError(
+                f"the prompt is {prompt_len} tokens (image included) but the model's context is "
+                f"{limit}; shorten the question"
+            )
+
+    # -- generation ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def stream(
+        self,
+        image,
+        prompt: str | None = None,
+        *,
+        question: str | None = None,
+        max_new_tokens: int = 500,
+        greedy: bool = True,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop_strings=STOP_STRINGS,
+    ) -> Iterator[GenerationStep]:
+        """Stream the answer as ``GenerationStep`` records; the last one carries the timings.
+
+        ``image`` is a PIL image, path, bytes, or precomputed embeddings [1, Q, hidden].
+        ``prompt`` is a raw template with <ImageHere>; without one, ``question`` (or a caption
+        request) is put into the stage's chat template.
+        """
+        if max_new_tokens < 1:
+            raise TinyVError("max_new_tokens must be at least 1")
+        tok = self._need_tokenizer()
+        sampler = make_sampler(greedy, temperature, top_p, repetition_penalty, seed)
+        prompt = prompt if prompt is not None else build_prompt(self.config.stage, question)
+        t0 = time.perf_counter()
+        image_embeds = self._image_embeds(image)
+        t_image = time.perf_counter()
+        embeds = self.prompt_embeds(prompt, image_embeds)
+        L = embeds.shape[1]
+        self._check_length(L, max_new_tokens)
+        max_new_tokens = min(max_new_tokens, self.config.phi.max_positions - L)
+        cache = self.phi.new_cache(L + max_new_tokens)
+        logits = self.phi.logits(self.phi(embeds, 0, cache)[0, -1])
+        t_first = time.perf_counter()
+
+        decoder = StreamDecoder(tok)
+        generated: list[int] = []
+        emitted = ""
+        finish = None
+        while finish is None:
+            token = sampler(logits, generated)
+            generated.append(token)
+            if token == tok.eos_id:
+                finish = "eos"
+                delta = decoder.text[len(emitted) :]  # flush what was held back
+            else:
+                decoder.push(token)
+                text, stopped = cut_at_stop(decoder.text, stop_strings)
+                if stopped:
+                    finish = "stop"
+                elif len(generated) >= max_new_tokens:
+                    finish = "length"
+                safe = text if finish else text[: len(text) - held_back(text, stop_strings)]
+                delta = safe[len(emitted) :] if safe.startswith(emitted) else ""
+            emitted += delta
+            if finish is None:
+                yield GenerationStep(delta, token)
+                pos = L + len(generated) - 1
+                emb = self.phi.embed_tokens(torch.tensor([[token]], dtype=torch.long))
+                logits = self.phi.logits(self.phi(emb, pos, cache)[0, -1])
+        t_end = time.perf_counter()
+        n_decode = len(generated) - 1
+        timings = {
+            "image_ms": (t_image - t0) * 1000,
+            "ttft_ms": (t_first - t0) * 1000,
+            "prompt_tokens": L,
+            "prefill_tok_s": L / max(t_first - t_image, 1e-9),
+            "new_tokens": len(generated),
+            "decode_tok_s": n_decode / (t_end - t_first) if n_decode > 0 else None,
+            "total_ms": (t_end - t0) * 1000,
+            "peak_rss_mb": peak_rss_mb(),
+        }
+        yield GenerationStep(delta, token, finish, timings)
+
+    def generate(self, image, prompt: str | None = None, max_new_tokens: int = 20, greedy: bool = True, **kw) -> list[int]:
+        """The new token ids (the one that ended generation included, as transformers does)."""
+        return [s.token for s in self.stream(image, prompt, max_new_tokens=max_new_tokens, greedy=greedy, **kw)]
+
+    def caption(self, image, question: str | None = None, **kw) -> str:
+        """The answer's text, cut at the stop string and stripped."""
+        return "".join(s.text for s in self.stream(image, question=question, **kw)).strip()

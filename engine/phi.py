@@ -1,0 +1,159 @@
+"""Phi-2 as modified by TinyGPT-V, with a preallocated KV cache (SPEC §1, details 10–13).
+
+Differences from stock Phi-2 that change outputs: per-head q/k LayerNorm applied before the
+partial rotary embedding (always, whatever ``qk_layernorm`` says), and an RMSNorm on the attention
+branch of the parallel block: ``out = x + post_layernorm(attn(h)) + mlp(h)`` with
+``h = input_layernorm(x)``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinyv.engine.config import PhiConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(variance + self.eps))
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: ``k``/``v`` are [L, B, H, max_len, D]."""
+
+    def __init__(self, cfg: PhiConfig, max_len: int, batch: int = 1, dtype=torch.float32, device=None):
+        shape = (cfg.layers, batch, cfg.heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0  # positions filled so far
+
+    def update(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k/v [B, H, S, D] at positions pos..pos+S-1; return all keys/values so far."""
+        end = pos + k.shape[2]
+        self.k[layer, :, :, pos:end] = k
+        self.v[layer, :, :, pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def truncate(self, length: int) -> None:
+        """Forget positions >= length (the cached prefix stays valid)."""
+        self.length = min(self.length, length)
+
+
+class Rotary(nn.Module):
+    """NeoX ``rotate_half`` rotary on the first ``rotary_dim`` dims of each head."""
+
+    def __init__(self, cfg: PhiConfig):
+        super().__init__()
+        self.dim = cfg.rotary_dim
+        inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, self.dim, 2, dtype=torch.int64).float() / self.dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def cos_sin(self, pos: int, length: int, device=None):
+        t = torch.arange(pos, pos + length, device=device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq.to(device))
+        emb = torch.cat((freqs, freqs), dim=-1)  # [S, rotary_dim]
+        return emb.cos(), emb.sin()
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rot, rest = x[..., : self.dim], x[..., self.dim :]
+        half = self.dim // 2
+        rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+        return torch.cat((rot * cos + rotated * sin, rest), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: PhiConfig):
+        super().__init__()
+        self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        # output rows laid out per head as [H, 3, D]: q, k, v interleaved (SPEC §1.10)
+        self.query_key_value = nn.Linear(cfg.hidden, 3 * cfg.hidden)
+        self.dense = nn.Linear(cfg.hidden, cfg.hidden)
+        self.q_layernorm = nn.LayerNorm(cfg.head_dim, eps=cfg.eps)
+        self.k_layernorm = nn.LayerNorm(cfg.head_dim, eps=cfg.eps)
+
+    def forward(self, x, rotary: Rotary, cos, sin, pos: int, cache: KVCache | None, layer: int):
+        B, S, _ = x.shape
+        qkv = self.query_key_value(x).view(B, S, self.heads, 3, self.head_dim)
+        q = self.q_layernorm(qkv[..., 0, :]).transpose(1, 2)  # [B, H, S, D]
+        k = self.k_layernorm(qkv[..., 1, :]).transpose(1, 2)
+        v = qkv[..., 2, :].transpose(1, 2)
+        q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, pos, k, v)
+        scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(self.head_dim)  # [B, H, S, T]
+        T = k.shape[2]
+        if S > 1:
+            # query i sits at absolute position pos + i and sees keys 0..pos + i
+            qi = torch.arange(pos, pos + S, device=x.device).unsqueeze(1)
+            kj = torch.arange(T, device=x.device).unsqueeze(0)
+            scores = scores.masked_fill(kj > qi, torch.finfo(scores.dtype).min)
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(probs, v).transpose(1, 2).reshape(B, S, -1)
+        return self.dense(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: PhiConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden, cfg.intermediate)
+        self.fc2 = nn.Linear(cfg.intermediate, cfg.hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # gelu_new
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: PhiConfig):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(cfg.hidden, eps=cfg.eps)
+        self.self_attn = Attention(cfg)
+        self.post_layernorm = RMSNorm(cfg.hidden, cfg.rms_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rotary, cos, sin, pos, cache, layer):
+        h = self.input_layernorm(x)
+        attn = self.post_layernorm(self.self_attn(h, rotary, cos, sin, pos, cache, layer))
+        return attn + self.mlp(h) + x
+
+
+class PhiForCausalLM(nn.Module):
+    def __init__(self, cfg: PhiConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.layers))
+        self.final_layernorm = nn.LayerNorm(cfg.hidden, eps=cfg.eps)
+        self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size)
+        self.rotary = Rotary(cfg)
+
+    def new_cache(self, max_len: int | None = None, batch: int = 1) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.cfg, max_len or self.cfg.max_positions, batch, dtype=p.dtype, device=p.device)
+
+    def forward(self, embeds: torch.Tensor, pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        """Hidden states after ``final_layernorm`` for embeds [B, S, hidden] at positions pos..pos+S-1."""
+        S = embeds.shape[1]
+        if pos + S > self.cfg.max_positions or (cache is not None and pos + S > cache.max_len):
+            limit = self.cfg.max_positions if cache is None else min(cache.max_len, self.cfg.max_positions)
+            raise ValueError(f"sequence of {pos + S} positions exceeds the context length {limit}")
+        cos, sin = self.rotary.cos_sin(pos, S, device=embeds.device)
+        cos, sin = cos.to(embeds.dtype), sin.to(embeds.dtype)
+        x = embeds
+        for i, layer in enumerate(self.layers):
+            x = layer(x, self.rotary, cos, sin, pos, cache, i)
+        if cache is not None:
+            cache.length = pos + S
+        return self.final_layernorm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)

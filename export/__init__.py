@@ -1,0 +1,1 @@
+"""Turns the checkpoint files users download into tinyv models (and, later, bundles)."""
