@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny checkpoints in the real formats, written once per test session."""
+import pytest
+from PIL import Image, ImageDraw
+
+
+@pytest.fixture(scope="session")
+def tiny_paths(tmp_path_factory):
+    from tinyv.testing import write_checkpoints
+
+    return write_checkpoints(str(tmp_path_factory.mktemp("ckpt")), "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_paths):
+    import tinyv
+
+    return tinyv.TinyGPTV.from_checkpoints(**tiny_paths.as_kwargs(), preset="tiny")
+
+
+@pytest.fixture(scope="session")
+def scene():
+    img = Image.new("RGB", (160, 120), "white")
+    d = ImageDraw.Draw(img)
+    d.ellipse((10, 30, 70, 90), fill=(220, 30, 30))
+    d.rectangle((95, 30, 150, 90), fill=(30, 60, 220))
+    return img
+
+
+@pytest.fixture(scope="session")
+def scene_path(scene, tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "scene.png"
+    scene.save(path)
+    return str(path)
