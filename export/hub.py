@@ -82,13 +82,18 @@ def _from_hub(name: str, what: str, folder: bool) -> str:
         raise TinyVError("resolving hub names needs the huggingface_hub package") from None
     try:
         if folder:
-            return snapshot_download(repo, revision=rev, allow_patterns=PHI2_PATTERNS)
+            path = snapshot_download(repo, revision=rev, allow_patterns=PHI2_PATTERNS)
+            if not any(f.endswith(".safetensors") for f in os.listdir(path)):  # an older .bin-only repo
+                path = snapshot_download(repo, revision=rev, allow_patterns=PHI2_PATTERNS + ["pytorch_model*.bin"])
+            return path
         return hf_hub_download(repo, filename, revision=rev)
     except huggingface_hub.errors.LocalEntryNotFoundError:
         raise TinyVError(
-            f"{what}: hf://{name} is not in the local Hugging Face cache and the hub cannot be "
+            f"{what}: hf://{name}{'@' + rev if rev else ''} is not in the local Hugging Face cache and the hub cannot be "
             "reached (offline?); download it when connected, or pass a local path"
         ) from None
+    except huggingface_hub.errors.HFValidationError as e:
+        raise TinyVError(f"{what}: hf://{name} is not a valid hub name: {e}") from None
     except huggingface_hub.errors.HfHubHTTPError as e:
         raise TinyVError(f"{what}: cannot fetch hf://{name}: {e}") from None
 

@@ -144,25 +144,41 @@ def load_pickle(path: str, label: str) -> dict:
         try:
             return _load(True)
         except RuntimeError as e:
-            if "mmap" not in str(e) and "zip" not in str(e):
-                raise
-            if zipfile.is_zipfile(path):  # a zip that mmap refused: report the real problem
-                raise
+            if zipfile.is_zipfile(path) or "mmap" not in str(e):
+                raise  # a real problem, not the legacy format that mmap cannot read
             return _load(False)  # legacy (pre-1.6) format cannot be mmap'd
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        if "Weights only load failed" in str(e) or "Unsupported" in str(e) or "global" in str(e).lower():
+        reason = _unpickler_reason(str(e))
+        if "GLOBAL" in reason or "Unsupported" in reason:
+            what = "holds pickled Python objects, not just tensors" if "GLOBAL" in reason else (
+                "uses pickle instructions a plain tensor checkpoint does not need")
             raise TinyVError(
-                f"{label}: refusing to load {path}: it contains pickled Python objects, not just "
-                "tensors, and checkpoints are untrusted (loaded with weights_only=True, nothing "
-                "in it was executed)"
+                f"{label}: refusing to load {path}: it {what} ({reason}); checkpoints are untrusted, "
+                "so tinyv loads them with weights_only=True and nothing in the file was executed"
             ) from None
-        raise TinyVError(f"{label}: {path} is not a readable torch checkpoint ({first})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TinyVError(f"{label}: {path} is not a readable torch checkpoint ({reason})") from None
+    except Exception as e:  # truncated zip, garbage bytes, ...: torch raises many types
         raise TinyVError(
-            f"{label}: {path} is not a complete torch checkpoint ({first}); re-download it"
+            f"{label}: {path} is not a complete torch checkpoint ({_first_sentence(e)}); "
+            "is the download complete? re-download it"
         ) from None
+
+
+def _first_sentence(e: Exception) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text.split(". ")[0].rstrip(".")
+
+
+def _unpickler_reason(message: str) -> str:
+    """The line of torch's long weights_only message that says what was refused."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    for ln in lines:
+        if "GLOBAL" in ln or "Unsupported" in ln:
+            return ln.replace("WeightsUnpickler error: ", "")
+    for ln in lines:
+        if ln.startswith("WeightsUnpickler error:"):
+            return ln.replace("WeightsUnpickler error: ", "")
+    return lines[-1] if lines else "unreadable pickle"
 
 
 def _state_dict_of(obj, label: str, path: str, wrapped: bool) -> dict:
@@ -173,6 +189,7 @@ def _state_dict_of(obj, label: str, path: str, wrapped: bool) -> dict:
         raise TinyVError(
             f"{label}: {path} has no 'model' dict; expected a checkpoint like "
             f"{'blip2_pretrained_flant5xxl.pth' if label == '--qformer' else 'TinyGPT-V_for_Stage4.pth'}"
+            f"{_sniff(list(obj)) if isinstance(obj, dict) else ''}"
         )
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise TinyVError(f"{label}: {path} is not a state dict of tensors")
@@ -187,18 +204,30 @@ def pickle_source(path: str, label: str, wrapped: bool) -> tuple[Source, dict]:
 
 
 def _safetensors_source(paths: list[str], label: str) -> Source:
+    """Tensors of one or more safetensors files, in file order, with one file mapped at a time."""
     from safetensors import safe_open
 
-    handles, owner = [], {}
+    owner: dict[str, str] = {}
     for p in paths:
         try:
-            h = safe_open(p, framework="pt")
+            with safe_open(p, framework="pt") as h:  # reads the header only
+                for k in h.keys():
+                    owner[k] = p
         except Exception as e:  # SafetensorError and OSError
             raise TinyVError(f"{label}: cannot read {p} ({e}); is the download complete?") from None
-        handles.append(h)
-        for k in h.keys():
-            owner[k] = h
-    return Source(label, list(owner), lambda k: owner[k].get_tensor(k))
+    current: dict = {"path": None, "handle": None}
+
+    def get(key: str) -> torch.Tensor:
+        path = owner[key]
+        if current["path"] != path:
+            current["handle"] = None  # unmaps the previous shard
+            current["handle"], current["path"] = safe_open(path, framework="pt"), path
+        try:
+            return current["handle"].get_tensor(key)
+        except Exception as e:
+            raise TinyVError(f"{label}: cannot read {key} from {path} ({e}); is the file complete?") from None
+
+    return Source(label, list(owner), get)
 
 
 def phi2_source(folder: str, label: str = "--phi2") -> Source:
@@ -239,7 +268,7 @@ def read_phi2_config(folder: str) -> PhiConfig:
 # Assembly
 # ---------------------------------------------------------------------------------------------
 _KIND_HINTS = [
-    (re.compile(r"^blocks\.\d+\.attn\.qkv"), "an EVA ViT file (pass it as --vit)"),
+    (re.compile(r"^blocks\.\d+\."), "an EVA ViT file (pass it as --vit)"),
     (re.compile(r"^Qformer\.bert\."), "a BLIP-2 Q-Former file (pass it as --qformer)"),
     (re.compile(r"^llama_model\.|^llama_proj"), "a TinyGPT-V stage file (pass it as --stage)"),
     (re.compile(r"^model\.layers\.|^lm_head"), "Phi-2 weights (pass the folder as --phi2)"),
@@ -357,38 +386,74 @@ def load_model(phi2, vit, qformer, stage, image_size=None, preset=None):
     with torch.device("meta"):
         model = TinyGPTV(cfg, tokenizer)
     asm = Assembler(model, preset_name)
-    heads = cfg.phi.heads
+    # One file at a time, each file's mapping dropped once its tensors are assigned, Phi-2 (the
+    # largest) last and one shard at a time: peak RSS stays near the fp32 model itself.
+    lora, overrides = _load_stage(asm, stage_src, cfg)
+    del stage_src, stage_extra
+    _load_vit(asm, vit_path, cfg)
+    _load_qformer(asm, qformer_path)
+    _load_phi2(asm, phi2_dir, cfg, lora, overrides)
+    asm.finish()
+    model.phi.rotary = Rotary(cfg.phi)  # non-persistent buffer, was built on meta
+    return model.eval()
 
-    # stage file first: small, and its LoRA is merged as the base weights stream past
+
+def _load_stage(asm: Assembler, src: Source, cfg: TinyGPTVConfig):
+    """Stage-file tensors into the model; returns the LoRA pairs and the Phi-2 overrides."""
     lora: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     overrides: dict[str, tuple[torch.Tensor, str]] = {}
-    for key, target in _mapped(stage_src, STAGE_RULES):
+    for key, target in _mapped(src, STAGE_RULES):
         if target is IGNORE:
             continue
-        origin = f"{stage_src.label} {key}"
+        origin = f"{src.label} {key}"
         if target.startswith("lora:"):
             layer, module, ab = target[5:].split(".")
-            lora.setdefault((layer, module), {})[ab] = stage_src.get(key)
+            lora.setdefault((layer, module), {})[ab] = src.get(key)
         elif STAGE_OVERRIDES.fullmatch(target):
-            overrides[target] = (stage_src.get(key), origin)
+            overrides[target] = (src.get(key), origin)
         else:
-            asm.put(target, stage_src.get(key), origin)
+            asm.put(target, src.get(key), origin)
     _check_lora(lora, cfg)
+    return lora, overrides
 
-    # Phi-2
-    src = phi2_source(phi2_dir)
-    split: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+
+def _load_vit(asm: Assembler, path: str, cfg: TinyGPTVConfig) -> None:
+    """EVA ViT: the stored 40th block is dropped; pos_embed resized to the input grid."""
+    src, _ = pickle_source(path, "--vit", wrapped=False)
+    for key, target in _mapped(src, VIT_RULES):
+        if target is IGNORE:
+            continue
+        m = re.match(r"visual\.blocks\.(\d+)\.", target)
+        if m and int(m.group(1)) == cfg.vision.depth:
+            continue  # BLIP-2 uses the first `depth` blocks (39 of the 40 stored)
+        tensor = src.get(key)
+        if target == "visual.pos_embed":
+            tensor = _resize_pos_embed(tensor, cfg)
+        asm.put(target, tensor, f"{src.label} {key}")
+
+
+def _load_qformer(asm: Assembler, path: str) -> None:
+    src, _ = pickle_source(path, "--qformer", wrapped=True)
+    for key, target in _mapped(src, QFORMER_RULES):
+        if target is not IGNORE:
+            asm.put(target, src.get(key), f"{src.label} {key}")
+
+
+def _load_phi2(asm: Assembler, folder: str, cfg: TinyGPTVConfig, lora: dict, overrides: dict) -> None:
+    """Phi-2 weights, fused to [H, 3, D] if split, LoRA merged as each weight streams past."""
+    src = phi2_source(folder)
+    split: dict[str, dict[str, torch.Tensor]] = {}
     for key, target in _mapped(src, PHI2_RULES):
         if target is IGNORE:
             continue
         origin = f"--phi2 {key}"
         if target.startswith("split:"):
-            proj, layer, kind = target[6:].split(".")
+            layer, proj, kind = target[6:].split(".")
             parts = split.setdefault(f"{layer}.{kind}", {})
             parts[proj] = src.get(key)
             if len(parts) < 3:
                 continue
-            tensor = _fuse_qkv(parts["q_proj"], parts["k_proj"], parts["v_proj"], heads)
+            tensor = _fuse_qkv(parts["q_proj"], parts["k_proj"], parts["v_proj"], cfg.phi.heads)
             del split[f"{layer}.{kind}"]
             target = f"phi.layers.{layer}.self_attn.query_key_value.{kind}"
             origin = f"--phi2 model.layers.{layer}.self_attn.{{q,k,v}}_proj.{kind}"
@@ -408,33 +473,13 @@ def load_model(phi2, vit, qformer, stage, image_size=None, preset=None):
             tensor = tensor.float() + cfg.lora_scale * (ab["B"].float() @ ab["A"].float())
         asm.put(target, tensor, origin)
     if split:
-        raise TinyVError(f"--phi2: incomplete q/k/v projections for {_short(split)}")
+        gaps = [f"model.layers.{lk.split('.')[0]}.self_attn.{p}.{lk.split('.')[1]}"
+                for lk, parts in split.items() for p in ("q_proj", "k_proj", "v_proj") if p not in parts]
+        raise TinyVError(f"--phi2: incomplete q/k/v projections: {_short(gaps)} missing")
     if lora:
         raise TinyVError(f"--stage: LoRA for {_short(f'layer {a} {b}' for a, b in lora)} has no base weight in --phi2")
     for target, (tensor, origin) in overrides.items():
         asm.put(target, tensor, origin)
-
-    # EVA ViT: the stored 40th block (and any head) is dropped; pos_embed resized to the grid
-    vit_src, _ = pickle_source(vit_path, "--vit", wrapped=False)
-    for key, target in _mapped(vit_src, VIT_RULES):
-        if target is IGNORE:
-            continue
-        m = re.match(r"visual\.blocks\.(\d+)\.", target)
-        if m and int(m.group(1)) >= cfg.vision.depth:
-            continue  # BLIP-2 uses the first `depth` blocks (39 of the 40 stored)
-        tensor = vit_src.get(key)
-        if target == "visual.pos_embed":
-            tensor = _resize_pos_embed(tensor, cfg)
-        asm.put(target, tensor, f"{vit_src.label} {key}")
-
-    q_src, _ = pickle_source(qformer_path, "--qformer", wrapped=True)
-    for key, target in _mapped(q_src, QFORMER_RULES):
-        if target is not IGNORE:
-            asm.put(target, q_src.get(key), f"{q_src.label} {key}")
-
-    asm.finish()
-    model.phi.rotary = Rotary(cfg.phi)  # non-persistent buffer, was built on meta
-    return model.eval()
 
 
 def _resize_pos_embed(t: torch.Tensor, cfg: TinyGPTVConfig) -> torch.Tensor:

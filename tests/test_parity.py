@@ -33,15 +33,15 @@ from transformers import (  # the [test] extra; a missing transformers is an err
     Blip2VisionConfig,
     Blip2VisionModel,
 )
-from transformers import PhiConfig as HFPhiConfig  # noqa: E402
-from transformers import PhiForCausalLM as HFPhiForCausalLM  # noqa: E402
-from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
+from transformers import PhiConfig as HFPhiConfig
+from transformers import PhiForCausalLM as HFPhiForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from tinyv.engine.config import preset  # noqa: E402
-from tinyv.engine.model import TinyGPTV  # noqa: E402
-from tinyv.engine.phi import PhiForCausalLM, RMSNorm  # noqa: E402
-from tinyv.engine.qformer import QFormer  # noqa: E402
-from tinyv.engine.vision import EVAViT, interpolate_pos_embed  # noqa: E402
+from tinyv.engine.config import preset
+from tinyv.engine.model import TinyGPTV
+from tinyv.engine.phi import PhiForCausalLM, RMSNorm
+from tinyv.engine.qformer import QFormer
+from tinyv.engine.vision import EVAViT, interpolate_pos_embed
 
 TOL = 1e-4  # fp32 max relative error
 EPS_SIGNAL = 100 * TOL  # a 10x wrong eps must move the reference by at least this (rel)
@@ -74,7 +74,8 @@ def eps_signal(name: str, changed: torch.Tensor, ref: torch.Tensor) -> float:
 
 @torch.no_grad()
 def randomize_(module: nn.Module, seed: int) -> nn.Module:
-    """Random values for every parameter: norm weights in [0.5, 1.5), biases ~N(0, 0.1²).
+    """Random values for every parameter: norm weights in [0.5, 1.5), biases ~N(0, 0.1²),
+    Linear/Conv weights ~N(0, 1/fan_in).
 
     q/k LayerNorm biases stay zero: TinyGPT-V has none (SPEC §1.14).
     """
@@ -155,7 +156,7 @@ def hf_vision_tokens(hf: Blip2VisionModel, pixels: torch.Tensor) -> torch.Tensor
 
 
 @pytest.fixture(scope="module")
-def tiny_model() -> TinyGPTV:
+def rand_model() -> TinyGPTV:
     """The whole tiny TinyGPT-V (parts are compared one by one), randomized."""
     torch.manual_seed(0)
     return randomize_(TinyGPTV(preset("tiny")), seed=0).eval()
@@ -167,8 +168,8 @@ def pixels_for(cfg, batch: int = 2, seed: int = 10) -> torch.Tensor:
 
 
 @torch.no_grad()
-def test_vision_matches_blip2_vision_model(tiny_model):
-    vit = tiny_model.visual
+def test_vision_matches_blip2_vision_model(rand_model):
+    vit = rand_model.visual
     assert vit.pos_embed.shape[1] == vit.cfg.num_tokens  # no interpolation in this test
     hf = hf_vision(vit)
     px = pixels_for(vit.cfg)
@@ -178,13 +179,13 @@ def test_vision_matches_blip2_vision_model(tiny_model):
 
 
 @torch.no_grad()
-def test_ln_vision_matches_layernorm_1e5(tiny_model):
-    vit = tiny_model.visual
+def test_ln_vision_matches_layernorm_1e5(rand_model):
+    vit = rand_model.visual
     hf = hf_vision(vit)
     px = pixels_for(vit.cfg)
     ref_ln = nn.LayerNorm(vit.cfg.width, eps=1e-5)  # SPEC §1.5
-    ref_ln.load_state_dict(tiny_model.ln_vision.state_dict())
-    check("ln_vision vs LayerNorm(eps=1e-5)", tiny_model.ln_vision(vit(px)), ref_ln(hf_vision_tokens(hf, px)))
+    ref_ln.load_state_dict(rand_model.ln_vision.state_dict())
+    check("ln_vision vs LayerNorm(eps=1e-5)", rand_model.ln_vision(vit(px)), ref_ln(hf_vision_tokens(hf, px)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,12 +233,12 @@ def hf_qformer(qf: QFormer) -> Blip2QFormerModel:
 
 
 @torch.no_grad()
-def test_qformer_matches_blip2_qformer_model(tiny_model):
-    qf = tiny_model.qformer
+def test_qformer_matches_blip2_qformer_model(rand_model):
+    qf = rand_model.qformer
     assert [l.has_cross for l in qf.layer] == [i % 2 == 0 for i in range(qf.cfg.layers)]
     hf = hf_qformer(qf)
     g = torch.Generator().manual_seed(11)
-    image = torch.randn(2, tiny_model.config.vision.num_tokens, qf.cfg.encoder_width, generator=g)
+    image = torch.randn(2, rand_model.config.vision.num_tokens, qf.cfg.encoder_width, generator=g)
     ours = qf(image)
     ref = hf(
         query_embeds=qf.query_tokens.expand(2, -1, -1),
@@ -248,9 +249,9 @@ def test_qformer_matches_blip2_qformer_model(tiny_model):
 
 
 @torch.no_grad()
-def test_image_encoder_chain_matches_hf(tiny_model):
+def test_image_encoder_chain_matches_hf(rand_model):
     """encode_pixels: ViT -> ln_vision -> Q-Former -> llama_proj -> llama_proj2, all references."""
-    m = tiny_model
+    m = rand_model
     px = pixels_for(m.config.vision, seed=12)
     ln = nn.LayerNorm(m.config.vision.width, eps=1e-5)
     ln.load_state_dict(m.ln_vision.state_dict())
@@ -336,8 +337,8 @@ def random_ids(vocab: int, n: int, seed: int = 13) -> torch.Tensor:
 
 
 @torch.no_grad()
-def test_phi_logits_match_hf_phi(tiny_model):
-    phi = tiny_model.phi
+def test_phi_logits_match_hf_phi(rand_model):
+    phi = rand_model.phi
     hf = hf_phi(phi)
     ids = random_ids(phi.cfg.vocab_size, 12)
     ours = phi.logits(phi(phi.embed_tokens(ids)))
@@ -346,9 +347,9 @@ def test_phi_logits_match_hf_phi(tiny_model):
 
 
 @torch.no_grad()
-def test_phi_kv_cache_decode_matches_full_forward(tiny_model):
+def test_phi_kv_cache_decode_matches_full_forward(rand_model):
     """Prefill 5, a chunk of 3 at pos 5, then single tokens: same logits as one full forward."""
-    phi = tiny_model.phi
+    phi = rand_model.phi
     hf = hf_phi(phi)
     L = 12
     ids = random_ids(phi.cfg.vocab_size, L, seed=14)
@@ -365,6 +366,28 @@ def test_phi_kv_cache_decode_matches_full_forward(tiny_model):
     cached = torch.cat(pieces, dim=1)
     check("phi: KV-cache prefill+decode vs HF full forward", cached, ref)
     check("phi: KV-cache prefill+decode vs tinyv full", cached, full_ours)
+
+
+MLP_TOL = 1e-5  # one Linear-GELU-Linear chain in fp32 agrees to ~1e-7
+
+
+@torch.no_grad()
+def test_mlp_activations_match_hf(rand_model):
+    """Each MLP alone, with a tighter tolerance: exact (erf) GELU in the ViT and Q-Former, gelu_new
+    (tanh) in Phi (SPEC §1.3, §1.13). Swapping them moves an MLP's output by only ~1-2.5e-4 (rel),
+    borderline for the 1e-4 whole-model tolerance, so the activations are pinned down here."""
+    g = torch.Generator().manual_seed(20)
+    m = rand_model
+    vit_mlp, hf_vit_mlp = m.visual.blocks[0].mlp, hf_vision(m.visual).encoder.layers[0].mlp
+    x = torch.randn(64, m.config.vision.width, generator=g)
+    check("ViT MLP (exact GELU) vs Blip2MLP", vit_mlp(x), hf_vit_mlp(x), MLP_TOL)
+    q_layer, hf_q_layer = m.qformer.layer[0], hf_qformer(m.qformer).encoder.layer[0]
+    x = torch.randn(64, m.config.qformer.hidden, generator=g)
+    check("Q-Former query FFN vs Blip2QFormer's", q_layer.output_query(q_layer.intermediate_query(x), x),
+          hf_q_layer.feed_forward_chunk_query(x), MLP_TOL)
+    phi_mlp, hf_phi_mlp = m.phi.layers[0].mlp, hf_phi(m.phi).model.layers[0].mlp
+    x = torch.randn(64, m.config.phi.hidden, generator=g)
+    check("Phi MLP (gelu_new) vs PhiMLP", phi_mlp(x), hf_phi_mlp(x), MLP_TOL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,16 +492,16 @@ def test_eps_vit_layernorm_1e6():
 
 
 @torch.no_grad()
-def test_eps_ln_vision_1e5(tiny_model):
+def test_eps_ln_vision_1e5(rand_model):
     """ViT tokens rescaled to variance ~4e-6 before ln_vision; HF's 1e-6 post_layernorm would be wrong."""
-    vit = tiny_model.visual
+    vit = rand_model.visual
     tokens = vit(pixels_for(vit.cfg, seed=18))
     tokens = tokens - tokens.mean(-1, keepdim=True)
     tokens = tokens / tokens.std(-1, keepdim=True) * SMALL_STD + 0.3  # offset: mean is removed too
     ref_ln = nn.LayerNorm(vit.cfg.width, eps=1e-5)
-    ref_ln.load_state_dict(tiny_model.ln_vision.state_dict())
+    ref_ln.load_state_dict(rand_model.ln_vision.state_dict())
     ref = ref_ln(tokens)
-    check("eps regime: ln_vision vs LayerNorm(1e-5)", tiny_model.ln_vision(tokens), ref)
+    check("eps regime: ln_vision vs LayerNorm(1e-5)", rand_model.ln_vision(tokens), ref)
     for eps in (1e-4, 1e-6):
         ref_ln.eps = eps
         eps_signal(f"ln_vision eps 1e-5 -> {eps:.0e}", ref_ln(tokens), ref)
