@@ -119,8 +119,8 @@ STAGE_RULES = [
     Rule(r"Qformer\.bert\.embeddings\.position_ids", IGNORE, "int64 buffer"),
 ]
 
-# Stage-file tensors that replace the base Phi-2's (SPEC §1.14); biases stay Phi-2's.
-STAGE_OVERRIDES = re.compile(r"phi\.(layers\.\d+\.input_layernorm|final_layernorm)\.weight")
+# Stage-file Phi-2 tensors replace the base Phi-2's where both exist (input_layernorm.weight,
+# final_layernorm.weight; their biases stay Phi-2's) — SPEC §1.14.
 # Tensors no file holds: they are zero (SPEC §1.14).
 ZERO_DEFAULTS = re.compile(r"phi\.layers\.\d+\.self_attn\.(q|k)_layernorm\.bias")
 
@@ -309,11 +309,9 @@ class Assembler:
         module._parameters[name] = torch.nn.Parameter(tensor.to(torch.float32).contiguous(), requires_grad=False)
         self.filled[key] = origin
 
-    def finish(self) -> None:
-        for key in self.expected:
-            if key not in self.filled and ZERO_DEFAULTS.fullmatch(key):
-                self.put(key, torch.zeros(self.expected[key]), "zero (no file holds it)")
-        missing = [k for k in self.expected if k not in self.filled]
+    def finish(self, skip_prefix: str | None = None) -> None:
+        """Check that every tensor was given (those under ``skip_prefix`` stay on meta)."""
+        missing = [k for k in self.expected if k not in self.filled and not (skip_prefix and k.startswith(skip_prefix))]
         if missing:
             raise TinyVError(
                 f"the checkpoints lack {len(missing)} tensor(s) the model needs: {_short(missing)}"
@@ -357,10 +355,30 @@ def _infer_stage(ckpt_config, image_size: int, cfg: TinyGPTVConfig) -> int:
     return cfg.stage
 
 
-def load_model(phi2, vit, qformer, stage, image_size=None, preset=None):
-    """Build a fp32 ``TinyGPTV`` from the four sources (paths or hub names)."""
-    from tinyv.engine.model import TinyGPTV
-    from tinyv.engine.phi import Rotary
+@dataclass
+class Checkpoints:
+    """The four sources, resolved and read as far as needed to build or export a model."""
+
+    cfg: TinyGPTVConfig
+    preset_name: str
+    tokenizer: object
+    phi2_dir: str
+    vit_path: str
+    qformer_path: str
+    stage_path: str
+    stage_model: dict  # stage-file tensors outside Phi-2 (llama_proj, llama_proj2): target -> (tensor, origin)
+    stage_phi: dict  # stage-file Phi-2 tensors (norms): target -> (tensor, origin)
+    lora: dict  # (layer, module) -> {"A": tensor, "B": tensor}
+
+    def source_files(self) -> dict[str, list[str]]:
+        """Every file each source consists of (for hashing into a bundle's manifest)."""
+        phi = sorted(os.path.join(self.phi2_dir, f) for f in os.listdir(self.phi2_dir)
+                     if os.path.isfile(os.path.join(self.phi2_dir, f)))
+        return {"phi2": phi, "vit": [self.vit_path], "qformer": [self.qformer_path], "stage": [self.stage_path]}
+
+
+def open_checkpoints(phi2, vit, qformer, stage, image_size=None, preset=None) -> Checkpoints:
+    """Resolve the sources, read the configs, tokenizer and the (small) stage file."""
     from tinyv.engine.tokenizer import Tokenizer
 
     phi2_dir = resolve(phi2, "--phi2", folder=True)
@@ -380,41 +398,49 @@ def load_model(phi2, vit, qformer, stage, image_size=None, preset=None):
         cfg = cfg.replace(image_size=image_size)
     tokenizer = Tokenizer.from_dir(phi2_dir)
 
-    stage_src, stage_extra = pickle_source(stage_path, "--stage", wrapped=True)
-    cfg = cfg.replace(stage=_infer_stage(stage_extra.get("config"), cfg.image_size, cfg))
-
-    with torch.device("meta"):
-        model = TinyGPTV(cfg, tokenizer)
-    asm = Assembler(model, preset_name)
-    # One file at a time, each file's mapping dropped once its tensors are assigned, Phi-2 (the
-    # largest) last and one shard at a time: peak RSS stays near the fp32 model itself.
-    lora, overrides = _load_stage(asm, stage_src, cfg)
-    del stage_src, stage_extra
-    _load_vit(asm, vit_path, cfg)
-    _load_qformer(asm, qformer_path)
-    _load_phi2(asm, phi2_dir, cfg, lora, overrides)
-    asm.finish()
-    model.phi.rotary = Rotary(cfg.phi)  # non-persistent buffer, was built on meta
-    return model.eval()
-
-
-def _load_stage(asm: Assembler, src: Source, cfg: TinyGPTVConfig):
-    """Stage-file tensors into the model; returns the LoRA pairs and the Phi-2 overrides."""
+    src, extra = pickle_source(stage_path, "--stage", wrapped=True)
+    cfg = cfg.replace(stage=_infer_stage(extra.get("config"), cfg.image_size, cfg))
     lora: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    overrides: dict[str, tuple[torch.Tensor, str]] = {}
+    stage_model, stage_phi = {}, {}
     for key, target in _mapped(src, STAGE_RULES):
         if target is IGNORE:
             continue
-        origin = f"{src.label} {key}"
         if target.startswith("lora:"):
             layer, module, ab = target[5:].split(".")
             lora.setdefault((layer, module), {})[ab] = src.get(key)
-        elif STAGE_OVERRIDES.fullmatch(target):
-            overrides[target] = (src.get(key), origin)
         else:
-            asm.put(target, src.get(key), origin)
+            (stage_phi if target.startswith("phi.") else stage_model)[target] = (src.get(key), f"{src.label} {key}")
     _check_lora(lora, cfg)
-    return lora, overrides
+    return Checkpoints(cfg, preset_name, tokenizer, phi2_dir, vit_path, qformer_path, stage_path,
+                       stage_model, stage_phi, lora)
+
+
+def build_model(ck: Checkpoints, with_phi: bool = True):
+    """A fp32 ``TinyGPTV``; ``with_phi=False`` fills only the vision side (Phi-2 stays on meta)."""
+    from tinyv.engine.model import TinyGPTV
+    from tinyv.engine.phi import Rotary
+
+    with torch.device("meta"):
+        model = TinyGPTV(ck.cfg, ck.tokenizer)
+    asm = Assembler(model, ck.preset_name)
+    # One file at a time, each file's mapping dropped once its tensors are assigned, Phi-2 (the
+    # largest) last and one shard at a time: peak RSS stays near the fp32 model itself.
+    for target, (tensor, origin) in ck.stage_model.items():
+        asm.put(target, tensor, origin)
+    _load_vit(asm, ck.vit_path, ck.cfg)
+    _load_qformer(asm, ck.qformer_path)
+    if with_phi:
+        weights = PhiWeights(ck, set(k for k in asm.expected if k.startswith("phi.")))
+        for target in weights.targets:
+            asm.put(target, weights.get(target), weights.origin(target))
+        model.phi.rotary = Rotary(ck.cfg.phi)  # non-persistent buffer, was built on meta
+    asm.finish(skip_prefix=None if with_phi else "phi.")
+    return model.eval()
+
+
+def load_model(phi2, vit, qformer, stage, image_size=None, preset=None):
+    """Build a fp32 ``TinyGPTV`` from the four sources (paths or hub names)."""
+    return build_model(open_checkpoints(phi2, vit, qformer, stage, image_size, preset))
 
 
 def _load_vit(asm: Assembler, path: str, cfg: TinyGPTVConfig) -> None:
@@ -439,47 +465,109 @@ def _load_qformer(asm: Assembler, path: str) -> None:
             asm.put(target, src.get(key), f"{src.label} {key}")
 
 
-def _load_phi2(asm: Assembler, folder: str, cfg: TinyGPTVConfig, lora: dict, overrides: dict) -> None:
-    """Phi-2 weights, fused to [H, 3, D] if split, LoRA merged as each weight streams past."""
-    src = phi2_source(folder)
-    split: dict[str, dict[str, torch.Tensor]] = {}
-    for key, target in _mapped(src, PHI2_RULES):
-        if target is IGNORE:
-            continue
-        origin = f"--phi2 {key}"
-        if target.startswith("split:"):
-            layer, proj, kind = target[6:].split(".")
-            parts = split.setdefault(f"{layer}.{kind}", {})
-            parts[proj] = src.get(key)
-            if len(parts) < 3:
+_LINEAR = re.compile(r"phi\.layers\.(\d+)\.self_attn\.(query_key_value|dense)\.weight")
+
+
+class PhiWeights:
+    """Random access to Phi-2's tensors exactly as the model needs them.
+
+    ``get(target)`` returns the tensor for a model key (``phi.…``): q/k/v fused into the per-head
+    [H, 3, D] rows if the folder has them split, LoRA merged (W + alpha/r · B @ A, in fp32), the
+    stage file's norms and overrides applied, q/k norm biases zero. Nothing is held beyond the
+    stage file's small tensors, so an exporter can stream layer by layer, or read one layer again.
+    """
+
+    def __init__(self, ck: Checkpoints, expected: set[str]):
+        self.ck = ck
+        self.src = phi2_source(ck.phi2_dir)
+        self.base: dict[str, list[str]] = {}  # target -> source key(s), in file order
+        split: dict[str, dict[str, str]] = {}
+        for key, target in _mapped(self.src, PHI2_RULES):
+            if target is IGNORE:
                 continue
-            tensor = _fuse_qkv(parts["q_proj"], parts["k_proj"], parts["v_proj"], cfg.phi.heads)
-            del split[f"{layer}.{kind}"]
+            if target.startswith("split:"):
+                layer, proj, kind = target[6:].split(".")
+                split.setdefault(f"{layer}.{kind}", {})[proj] = key
+                continue
+            if target not in expected:
+                raise TinyVError(f"--phi2 {key} maps to {target}, which this model does not have")
+            self.base[target] = [key]
+        for lk, parts in split.items():
+            missing = [p for p in ("q_proj", "k_proj", "v_proj") if p not in parts]
+            layer, kind = lk.split(".")
+            if missing:
+                gaps = [f"model.layers.{layer}.self_attn.{p}.{kind}" for p in missing]
+                raise TinyVError(f"--phi2: incomplete q/k/v projections: {_short(gaps)} missing")
             target = f"phi.layers.{layer}.self_attn.query_key_value.{kind}"
-            origin = f"--phi2 model.layers.{layer}.self_attn.{{q,k,v}}_proj.{kind}"
+            if target not in expected:
+                raise TinyVError(f"--phi2 model.layers.{layer}.self_attn.q_proj.{kind} maps to {target}, "
+                                 "which this model does not have")
+            self.base[target] = [parts["q_proj"], parts["k_proj"], parts["v_proj"]]
+        for (layer, module) in ck.lora:
+            if f"phi.layers.{layer}.self_attn.{module}.weight" not in self.base:
+                raise TinyVError(f"--stage: LoRA for layer {layer} {module} has no base weight in --phi2")
+        for target in ck.stage_phi:
+            if target not in expected:
+                raise TinyVError(f"{ck.stage_phi[target][1]} maps to {target}, which this model does not have")
+        # model order (layer by layer), which is also the order a streaming reader wants
+        self.targets = [t for t in _model_order(expected)]
+        missing = [t for t in self.targets if not self._has(t)]
+        if missing:
+            raise TinyVError(
+                f"the checkpoints lack {len(missing)} tensor(s) the model needs: {_short(missing)}"
+                f"{_missing_hint(missing)}"
+            )
+
+    def _has(self, target: str) -> bool:
+        return target in self.ck.stage_phi or target in self.base or bool(ZERO_DEFAULTS.fullmatch(target))
+
+    def origin(self, target: str) -> str:
+        if target in self.ck.stage_phi:
+            return self.ck.stage_phi[target][1]
+        if target in self.base:
+            keys = self.base[target]
+            return f"--phi2 {keys[0]}" if len(keys) == 1 else f"--phi2 {{q,k,v}}_proj of {keys[0]}"
+        return "zero (no file holds it)"
+
+    def get(self, target: str) -> torch.Tensor:
+        if target in self.ck.stage_phi:  # the stage file's value wins (SPEC §1.14)
+            return self.ck.stage_phi[target][0]
+        if target not in self.base:
+            if ZERO_DEFAULTS.fullmatch(target):
+                d = self.ck.cfg.phi.head_dim
+                return torch.zeros(d)
+            raise TinyVError(f"no file holds {target}")
+        keys = self.base[target]
+        if len(keys) == 3:
+            tensor = _fuse_qkv(*(self.src.get(k) for k in keys), self.ck.cfg.phi.heads)
         else:
-            tensor = src.get(key)
-        if target in overrides:
-            continue  # the stage file's value wins
-        m = re.fullmatch(r"phi\.layers\.(\d+)\.self_attn\.(query_key_value|dense)\.weight", target)
-        if m and (m.group(1), m.group(2)) in lora:
-            ab = lora.pop((m.group(1), m.group(2)))
+            tensor = self.src.get(keys[0])
+        m = _LINEAR.fullmatch(target)
+        if m and (m.group(1), m.group(2)) in self.ck.lora:
+            ab = self.ck.lora[(m.group(1), m.group(2))]
             if (ab["B"].shape[0], ab["A"].shape[1]) != tuple(tensor.shape):
                 raise TinyVError(
                     f"--stage: LoRA of layer {m.group(1)} {m.group(2)} is for a {ab['B'].shape[0]}x"
                     f"{ab['A'].shape[1]} weight, but --phi2's is {list(tensor.shape)}"
                 )
             # W' = W + (alpha / r) * B @ A (peft semantics, SPEC §1)
-            tensor = tensor.float() + cfg.lora_scale * (ab["B"].float() @ ab["A"].float())
-        asm.put(target, tensor, origin)
-    if split:
-        gaps = [f"model.layers.{lk.split('.')[0]}.self_attn.{p}.{lk.split('.')[1]}"
-                for lk, parts in split.items() for p in ("q_proj", "k_proj", "v_proj") if p not in parts]
-        raise TinyVError(f"--phi2: incomplete q/k/v projections: {_short(gaps)} missing")
-    if lora:
-        raise TinyVError(f"--stage: LoRA for {_short(f'layer {a} {b}' for a, b in lora)} has no base weight in --phi2")
-    for target, (tensor, origin) in overrides.items():
-        asm.put(target, tensor, origin)
+            tensor = tensor.float() + self.ck.cfg.lora_scale * (ab["B"].float() @ ab["A"].float())
+        return tensor
+
+    def layer(self, i: int) -> dict[str, torch.Tensor]:
+        """fp32 state dict of decoder layer ``i`` (keys relative to the layer)."""
+        pre = f"phi.layers.{i}."
+        return {t[len(pre):]: self.get(t).float() for t in self.targets if t.startswith(pre)}
+
+
+def _model_order(expected: set[str]) -> list[str]:
+    def key(t: str):
+        m = re.match(r"phi\.layers\.(\d+)\.", t)
+        if t.startswith("phi.embed_tokens"):
+            return (-1, t)
+        return (int(m.group(1)), t) if m else (10**9, t)
+
+    return sorted(expected, key=key)
 
 
 def _resize_pos_embed(t: torch.Tensor, cfg: TinyGPTVConfig) -> torch.Tensor:
