@@ -44,6 +44,17 @@ class GenerationStep:
     timings: dict | None = field(default=None)
 
 
+def build_prompt_embeds(phi: PhiForCausalLM, tok: Tokenizer, prompt: str, image_embeds: torch.Tensor) -> torch.Tensor:
+    """Each text segment tokenized on its own (no BOS), image embeddings between: [1, L, hidden]."""
+    before, after = split_prompt(prompt)
+    parts = [
+        phi.embed(torch.tensor([tok.encode(before)], dtype=torch.long)),
+        image_embeds.float(),
+        phi.embed(torch.tensor([tok.encode(after)], dtype=torch.long)),
+    ]
+    return torch.cat(parts, dim=1)
+
+
 class TinyGPTV(nn.Module):
     def __init__(self, config: TinyGPTVConfig, tokenizer: Tokenizer | None = None):
         super().__init__()
@@ -96,15 +107,7 @@ class TinyGPTV(nn.Module):
 
     def prompt_embeds(self, prompt: str, image_embeds: torch.Tensor) -> torch.Tensor:
         """Text before the image, the image embeddings, text after: [1, L, hidden] (SPEC §1.9)."""
-        tok = self._need_tokenizer()
-        before, after = split_prompt(prompt)
-        embed = self.phi.embed_tokens
-        parts = [
-            embed(torch.tensor([tok.encode(before)], dtype=torch.long)),
-            image_embeds.to(embed.weight.dtype),
-            embed(torch.tensor([tok.encode(after)], dtype=torch.long)),
-        ]
-        return torch.cat(parts, dim=1)
+        return build_prompt_embeds(self.phi, self._need_tokenizer(), prompt, image_embeds)
 
     def _image_embeds(self, image) -> torch.Tensor:
         return image if isinstance(image, torch.Tensor) else self.encode_image(image)
@@ -186,7 +189,7 @@ class TinyGPTV(nn.Module):
             if finish is None:
                 yield GenerationStep(delta, token)
                 pos = L + len(generated) - 1
-                emb = self.phi.embed_tokens(torch.tensor([[token]], dtype=torch.long))
+                emb = self.phi.embed(torch.tensor([[token]], dtype=torch.long))
                 logits = self.phi.logits(self.phi(emb, pos, cache)[0, -1])
         t_end = time.perf_counter()
         n_decode = len(generated) - 1

@@ -136,6 +136,14 @@ class PhiForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size)
         self.rotary = Rotary(cfg)
 
+    def layer(self, i: int) -> DecoderLayer:
+        """Decoder layer ``i`` (a streaming subclass materializes it on demand)."""
+        return self.layers[i]
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, S, hidden] in fp32 (a bundle stores the table in fp16)."""
+        return self.embed_tokens(ids).float()
+
     def new_cache(self, max_len: int | None = None, batch: int = 1) -> KVCache:
         p = self.lm_head.weight
         return KVCache(self.cfg, max_len or self.cfg.max_positions, batch, dtype=p.dtype, device=p.device)
@@ -149,8 +157,8 @@ class PhiForCausalLM(nn.Module):
         cos, sin = self.rotary.cos_sin(pos, S, device=embeds.device)
         cos, sin = cos.to(embeds.dtype), sin.to(embeds.dtype)
         x = embeds
-        for i, layer in enumerate(self.layers):
-            x = layer(x, self.rotary, cos, sin, pos, cache, i)
+        for i in range(self.cfg.layers):
+            x = self.layer(i)(x, self.rotary, cos, sin, pos, cache, i)
         if cache is not None:
             cache.length = pos + S
         return self.final_layernorm(x)

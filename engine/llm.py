@@ -1,0 +1,65 @@
+"""The bundle's LLM: TinyGPT-V's Phi-2 with quantized Linear layers (module swap, same forward).
+
+Bundle tensor names are the model's minus ``phi.``; a Linear's ``weight`` is stored as
+``qweight`` + ``scales`` (int4 / int8) or as fp16 ``weight`` (16 bits). Embeddings are fp16,
+norms and biases fp32.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from tinyv.engine.config import PhiConfig
+from tinyv.engine.errors import TinyVError
+from tinyv.engine.phi import PhiForCausalLM, Rotary
+from tinyv.kernels.linear import QuantLinear
+from tinyv.kernels.quant import QuantConfig
+
+LAYER_LINEARS = ("self_attn.query_key_value", "self_attn.dense", "mlp.fc1", "mlp.fc2")
+
+
+def linear_names(cfg: PhiConfig) -> list[str]:
+    """Every quantized Linear, as bundle names (``layers.0.mlp.fc1``, …, ``lm_head``)."""
+    return [f"layers.{i}.{n}" for i in range(cfg.layers) for n in LAYER_LINEARS] + ["lm_head"]
+
+
+def stored_keys(name: str, qcfg: QuantConfig) -> tuple[str, ...]:
+    return (f"{name}.weight",) if qcfg.bits == 16 else (f"{name}.qweight", f"{name}.scales")
+
+
+def build_quant_phi(cfg: PhiConfig, tensors: Mapping[str, torch.Tensor], qcfg: QuantConfig) -> PhiForCausalLM:
+    """A ``PhiForCausalLM`` whose Linears are ``QuantLinear`` over ``tensors`` (not copied)."""
+    with torch.device("meta"):
+        phi = PhiForCausalLM(cfg)
+    used = set()
+
+    def take(key: str) -> torch.Tensor:
+        if key not in tensors:
+            raise TinyVError(f"the bundle's LLM weights lack {key}: re-export the bundle")
+        used.add(key)
+        return tensors[key]
+
+    for name in linear_names(cfg):
+        old = phi.get_submodule(name)
+        stored = {k.rsplit(".", 1)[1]: take(k) for k in stored_keys(name, qcfg)}
+        new = QuantLinear(old.in_features, old.out_features, qcfg, stored, take(f"{name}.bias"))
+        parent, _, attr = name.rpartition(".")
+        setattr(phi.get_submodule(parent) if parent else phi, attr, new)
+    for key, param in list(phi.named_parameters()):
+        *path, attr = key.split(".")
+        t = take(key)
+        if tuple(t.shape) != tuple(param.shape):
+            raise TinyVError(f"the bundle's {key} has shape {list(t.shape)}, expected {list(param.shape)}")
+        phi.get_submodule(".".join(path))._parameters[attr] = nn.Parameter(t, requires_grad=False)
+    extra = set(tensors) - used
+    if extra:
+        raise TinyVError(f"the bundle's LLM weights hold tensors tinyv does not know: {sorted(extra)[:5]}")
+    phi.rotary = Rotary(cfg)
+    return phi.eval()
+
+
+def weight_bytes(phi: PhiForCausalLM) -> int:
+    """Bytes of Linear weights streamed per decoded token (what bounds decode speed)."""
+    return sum(m.weight_bytes() for m in phi.modules() if isinstance(m, QuantLinear))

@@ -1,0 +1,67 @@
+"""Quality of a quantized LLM against fp32: KL of next-token distributions and greedy agreement.
+
+The fp32 reference is streamed: one decoder layer at a time is materialized from the checkpoint
+files (LoRA merged), so a full-size export never holds an fp32 copy of Phi-2.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinyv.engine.config import PhiConfig
+from tinyv.engine.phi import DecoderLayer, KVCache, PhiForCausalLM, Rotary
+
+
+class StreamedPhi(PhiForCausalLM):
+    """fp32 Phi-2 whose decoder layers are read from a ``PhiWeights`` each time they run."""
+
+    def __init__(self, cfg: PhiConfig, weights):
+        nn.Module.__init__(self)
+        self.cfg, self.weights = cfg, weights
+        self.work = DecoderLayer(cfg)
+        self.embed_tokens = nn.Embedding.from_pretrained(weights.get("phi.embed_tokens.weight").float(), freeze=True)
+        self.final_layernorm = nn.LayerNorm(cfg.hidden, eps=cfg.eps)
+        self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size)
+        for mod, name in ((self.final_layernorm, "final_layernorm"), (self.lm_head, "lm_head")):
+            mod.load_state_dict({k: weights.get(f"phi.{name}.{k}").float() for k in ("weight", "bias")})
+        self.rotary = Rotary(cfg)
+        self.eval()
+
+    def layer(self, i: int) -> DecoderLayer:
+        self.work.load_state_dict(self.weights.layer(i))
+        return self.work
+
+
+@torch.inference_mode()
+def compare_greedy(ref: PhiForCausalLM, quant: PhiForCausalLM, ref_prompt: torch.Tensor, quant_prompt: torch.Tensor,
+                   steps: int = 32) -> dict:
+    """fp32 greedy continuation of ``steps`` tokens; the quantized model teacher-forced on it.
+
+    Returns the mean and max KL(fp32 ‖ quantized) of the next-token distributions over those
+    positions and the fraction where the quantized argmax equals the fp32 greedy token.
+    """
+    L = ref_prompt.shape[1]
+    cache = KVCache(ref.cfg, L + steps)
+    ref_logits = [ref.logits(ref(ref_prompt, 0, cache)[0, -1])]
+    tokens = []
+    for s in range(steps):
+        tokens.append(int(torch.argmax(ref_logits[-1])))
+        if s == steps - 1:
+            break
+        emb = ref.embed(torch.tensor([[tokens[-1]]]))
+        ref_logits.append(ref.logits(ref(emb, L + s, cache)[0, -1]))
+    seq = torch.cat([quant_prompt.float(), quant.embed(torch.tensor([tokens[:-1]]))], dim=1)
+    q_logits = quant.logits(quant(seq)[0, L - 1:])  # [steps, vocab]
+    r = torch.stack(ref_logits).float().log_softmax(-1)
+    q = q_logits.float().log_softmax(-1)
+    kl = (r.exp() * (r - q)).sum(-1)
+    agree = (q.argmax(-1) == torch.tensor(tokens)).float()
+    return {
+        "steps": steps,
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
+        "token_agreement": float(agree.mean()),
+        "first_disagreement": int(torch.nonzero(agree == 0)[0]) if bool((agree == 0).any()) else None,
+        "reference_tokens": tokens,
+    }
