@@ -127,9 +127,15 @@ class StageProgress:
 
     def __init__(self, enabled: bool = True):
         self.enabled, self.stage, self.bar = enabled, None, None
+        self.tty = sys.stderr.isatty()
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if not self.enabled:
+            return
+        if not self.tty:  # a log, not a terminal: one line per finished stage
+            if done >= total and stage != self.stage:
+                click.echo(f"{stage}: done", err=True)
+                self.stage = stage
             return
         if stage != self.stage:
             self.close()

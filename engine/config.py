@@ -191,8 +191,9 @@ def _tiny() -> TinyGPTVConfig:
         qformer=QFormerConfig(
             hidden=32, layers=4, heads=4, intermediate=64, num_queries=8, encoder_width=48
         ),
-        # head_dim 20 with rotary 8 keeps the real 0.4 partial-rotary factor
-        phi=PhiConfig(hidden=80, layers=3, heads=4, intermediate=192, vocab_size=1024, rotary_dim=8),
+        # head_dim 20 with rotary 8 keeps the real 0.4 partial-rotary factor; widths are
+        # multiples of 32 so every quantization group size applies
+        phi=PhiConfig(hidden=160, layers=3, heads=8, intermediate=256, vocab_size=1024, rotary_dim=8),
         proj_hidden=96,
         lora_r=8,
         lora_alpha=2,  # the real scale 16/64 = 0.25

@@ -130,6 +130,8 @@ def export_bundle(
     qcfg = QuantConfig(bits, group_size)
     if vision not in VISION_PRECISIONS:
         raise TinyVError(f"--vision must be one of {', '.join(VISION_PRECISIONS)}, got {vision!r}")
+    if vision not in VISION_PRECISIONS:
+        raise TinyVError(f"--vision must be one of {', '.join(VISION_PRECISIONS)}, got {vision!r}")
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out) and not force:
         raise TinyVError(f"{out} already exists; choose another -o or pass --force to replace it")
@@ -145,8 +147,13 @@ def export_bundle(
         progress("load", 0, 1)
         ck = open_checkpoints(phi2, vit, qformer, stage, image_size=image_size, preset=preset)
         cfg = ck.cfg
-        sources = _hash_sources(ck, progress)
+        widths = {"hidden": cfg.phi.hidden, "intermediate": cfg.phi.intermediate}
+        bad = {k: v for k, v in widths.items() if v % group_size}
+        if bad and bits != 16:
+            raise TinyVError(f"the model's {', '.join(f'{k} {v}' for k, v in bad.items())} is not a multiple "
+                             f"of --group-size {group_size}; choose another group size")
         progress("load", 1, 1)
+        sources = _hash_sources(ck, progress)
         timings["load_s"] = time.perf_counter() - t
 
         # vision: fp32 torch side only (Phi-2 stays on meta), exported, then freed
@@ -228,6 +235,7 @@ def export_bundle(
         manifest["export_timings"]["total_s"] = round(time.perf_counter() - t_start, 2)
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
             json.dump(_jsonable(manifest), f, indent=2)
+        _make_readable(tmp)
         _move_into_place(tmp, out)
         progress("write", 1, 1)
         return manifest
@@ -260,6 +268,15 @@ def _write_tokenizer(ck, folder: str) -> None:
         shutil.copyfile(src, os.path.join(folder, TOKENIZER_FILE))
     else:  # a folder with vocab.json + merges.txt only: save what was built from them
         ck.tokenizer._tok.save(os.path.join(folder, TOKENIZER_FILE))
+
+
+def _make_readable(folder: str) -> None:
+    """mkdtemp makes a private folder; a bundle gets the usual permissions (umask applied)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for name in os.listdir(folder):
+        os.chmod(os.path.join(folder, name), 0o666 & ~umask)
 
 
 def _move_into_place(tmp: str, out: str) -> None:

@@ -1,0 +1,238 @@
+"""tinyv export on tiny checkpoints: bundles at every precision, integrity checks, clean failure."""
+import errno
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import tinyv.export.bundle as bundle_mod
+from tinyv import TinyVError
+from tinyv.cli.main import cli
+from tinyv.engine.bundle import LLM_FILE, MANIFEST, read_manifest
+from tinyv.engine.llm import build_quant_phi, linear_names
+from tinyv.engine.prompts import build_prompt
+from tinyv.export.bundle import export_bundle
+from tinyv.kernels.quant import QuantConfig, dequantize_weight
+
+
+def _export(paths, out, **kw):
+    kw.setdefault("preset", "tiny")
+    return export_bundle(**paths.as_kwargs(), out=str(out), **kw)
+
+
+@pytest.fixture(scope="module")
+def bundles(tiny_paths, tmp_path_factory):
+    """One bundle per (bits, vision) precision, exported once for the module."""
+    root = tmp_path_factory.mktemp("bundles")
+    out = {}
+    for bits, vision in [(4, "fp32"), (8, "int8"), (16, "fp32")]:
+        path = root / f"b{bits}-{vision}"
+        out[(bits, vision)] = (str(path), _export(tiny_paths, path, bits=bits, vision=vision))
+    return out
+
+
+@pytest.mark.parametrize("bits, vision", [(4, "fp32"), (8, "int8"), (16, "fp32")])
+def test_bundle_contents(bundles, bits, vision):
+    path, m = bundles[(bits, vision)]
+    assert read_manifest(path, verify=True) == json.load(open(os.path.join(path, MANIFEST)))
+    assert set(m["files"]) == {"llm.safetensors", "tokenizer.json", "vision.onnx"}
+    assert not [n for n in os.listdir(os.path.dirname(path)) if n.startswith(".tinyv-")]
+    q = m["quality"]
+    assert m["quantization"]["bits"] == bits and m["vision"]["precision"] == vision
+    assert m["model"]["phi"]["hidden"] == 160 and m["model"]["stage"] == 4
+    assert m["prompt"]["stop_strings"] == ["###"] and "<ImageHere>" in m["prompt"]["template"]
+    assert set(m["sources"]) == {"phi2", "vit", "qformer", "stage"}
+    assert all(len(f["sha256"]) == 64 for fs in m["sources"].values() for f in fs)
+    assert len(q["sqnr_db"]["per_layer"]) == len(linear_names(_phi_cfg(m)))
+    assert q["steps"] == 32 and 0 <= q["token_agreement"] <= 1 and q["kl_mean"] >= 0
+    floor = {4: 18, 8: 35, 16: 60}[bits]
+    assert q["sqnr_db"]["min"] >= floor
+    assert m["vision"]["verify"]["cosine_min"] >= (0.9999 if vision == "fp32" else 0.99)
+    print(bits, vision, {k: q[k] for k in ("kl_mean", "kl_max", "token_agreement")}, q["sqnr_db"]["min"])
+
+
+def test_quality_orders_by_precision(bundles):
+    kl = {b: bundles[k][1]["quality"]["kl_mean"] for b, k in ((4, (4, "fp32")), (16, (16, "fp32")))}
+    assert kl[16] < 1e-4 < kl[4]
+    assert bundles[(16, "fp32")][1]["quality"]["token_agreement"] == 1.0
+
+
+def _phi_cfg(m):
+    from tinyv.engine.config import PhiConfig
+
+    return PhiConfig.from_dict(m["model"]["phi"])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_bundle_llm_is_the_dequantized_model(bundles, tiny_model, scene, bits):
+    """The stored layout round-trips: QuantPhi equals the fp32 model with dequantized weights."""
+    from safetensors.torch import load_file
+
+    path, m = bundles[(bits, "fp32" if bits == 4 else "int8")]
+    tensors = load_file(os.path.join(path, LLM_FILE))
+    qcfg = QuantConfig.from_dict(m["quantization"])
+    quant = build_quant_phi(_phi_cfg(m), tensors, qcfg)
+    ref = __import__("copy").deepcopy(tiny_model.phi)
+    for name in linear_names(_phi_cfg(m)):
+        stored = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == name and not k.endswith("bias")}
+        ref.get_submodule(name).weight.data = dequantize_weight(stored, qcfg)
+    ref.embed_tokens.weight.data = tensors["embed_tokens.weight"].float()
+    with torch.inference_mode():
+        emb = tiny_model.encode_image(scene)
+        from tinyv.engine.model import build_prompt_embeds
+
+        x = build_prompt_embeds(ref, tiny_model.tokenizer, build_prompt(4), emb)
+        torch.testing.assert_close(quant.logits(quant(x)), ref.logits(ref(x)), rtol=1e-4, atol=1e-4)
+    # biases and norms are kept exactly
+    assert torch.equal(tensors["layers.1.self_attn.q_layernorm.weight"], tiny_model.phi.layers[1].self_attn.q_layernorm.weight)
+    assert torch.equal(tensors["lm_head.bias"], tiny_model.phi.lm_head.bias)
+
+
+@pytest.fixture
+def bundle_copy(bundles, tmp_path):
+    path = tmp_path / "copy"
+    shutil.copytree(bundles[(4, "fp32")][0], path)
+    return path
+
+
+def test_missing_file(bundle_copy):
+    os.remove(bundle_copy / "vision.onnx")
+    with pytest.raises(TinyVError, match="missing vision.onnx"):
+        read_manifest(bundle_copy)
+
+
+def test_truncated_file(bundle_copy):
+    data = (bundle_copy / LLM_FILE).read_bytes()
+    (bundle_copy / LLM_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(TinyVError, match="truncated"):
+        read_manifest(bundle_copy)
+
+
+def test_altered_file_same_size(bundle_copy):
+    data = bytearray((bundle_copy / LLM_FILE).read_bytes())
+    data[-10] ^= 0xFF
+    (bundle_copy / LLM_FILE).write_bytes(bytes(data))
+    read_manifest(bundle_copy)  # sizes still match: only the hash check sees it
+    with pytest.raises(TinyVError, match="altered"):
+        read_manifest(bundle_copy, verify=True)
+
+
+def test_unknown_format_version(bundle_copy):
+    m = json.loads((bundle_copy / MANIFEST).read_text())
+    m["format_version"] = 99
+    (bundle_copy / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(TinyVError, match="format 99"):
+        read_manifest(bundle_copy)
+
+
+@pytest.mark.parametrize("damage", ["not json", "no manifest", "file", "nowhere", "escape"])
+def test_unreadable_bundles(bundle_copy, tmp_path, damage):
+    target = bundle_copy
+    if damage == "not json":
+        (bundle_copy / MANIFEST).write_text("{oops")
+    elif damage == "no manifest":
+        os.remove(bundle_copy / MANIFEST)
+    elif damage == "file":
+        target = bundle_copy / "tokenizer.json"
+    elif damage == "nowhere":
+        target = tmp_path / "nothing-here"
+    else:
+        m = json.loads((bundle_copy / MANIFEST).read_text())
+        m["files"]["../secret"] = {"size": 1, "sha256": "0" * 64}
+        (bundle_copy / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(TinyVError):
+        read_manifest(target)
+
+
+def _leftovers(parent):
+    return [n for n in os.listdir(parent) if n.startswith(".tinyv-")]
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt(), OSError(errno.ENOSPC, "No space left")])
+def test_interrupted_export_leaves_nothing(tiny_paths, tmp_path, monkeypatch, exc):
+    import safetensors.torch
+
+    def fail(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fail)
+    out = tmp_path / "b"
+    expected = {RuntimeError: RuntimeError, KeyboardInterrupt: KeyboardInterrupt, OSError: TinyVError}[type(exc)]
+    with pytest.raises(expected) as info:
+        _export(tiny_paths, out)
+    if isinstance(exc, OSError):
+        assert "disk is full" in str(info.value)
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_failure_while_writing_the_manifest(tiny_paths, tmp_path, monkeypatch):
+    monkeypatch.setattr(bundle_mod, "_write_tokenizer", lambda *a: (_ for _ in ()).throw(OSError("disk gone")))
+    with pytest.raises(OSError):
+        _export(tiny_paths, tmp_path / "b")
+    assert os.listdir(tmp_path) == []
+
+
+def test_quality_gate_failure_writes_nothing(tiny_paths, tmp_path):
+    with pytest.raises(TinyVError, match="quality gate failed.*SQNR"):
+        _export(tiny_paths, tmp_path / "b", min_sqnr=40.0)
+    assert os.listdir(tmp_path) == []
+    m = _export(tiny_paths, tmp_path / "b", bits=8, min_sqnr=30.0, max_kl=1.0)  # a gate that passes
+    assert m["quality"]["sqnr_db"]["min"] >= 30
+
+
+def test_existing_target_and_force(tiny_paths, tmp_path, bundles):
+    out = tmp_path / "b"
+    shutil.copytree(bundles[(16, "fp32")][0], out)
+    with pytest.raises(TinyVError, match="already exists"):
+        _export(tiny_paths, out)
+    m = _export(tiny_paths, out, force=True)
+    assert read_manifest(out)["quantization"]["bits"] == 4 == m["quantization"]["bits"]
+    assert _leftovers(tmp_path) == []
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.jpg").write_bytes(b"x")
+    with pytest.raises(TinyVError, match="not a tinyv bundle"):
+        _export(tiny_paths, other, force=True)
+    assert (other / "cat.jpg").exists()
+
+
+def test_group_size_must_divide_the_widths(tiny_paths, tmp_path):
+    with pytest.raises(TinyVError, match="group-size 64"):
+        _export(tiny_paths, tmp_path / "b", group_size=64)  # tiny hidden 160 = 2.5 x 64
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_precision_options(tiny_paths, tmp_path):
+    with pytest.raises(TinyVError, match="bits"):
+        _export(tiny_paths, tmp_path / "b", bits=3)
+    with pytest.raises(TinyVError, match="vision"):
+        _export(tiny_paths, tmp_path / "b", vision="int4")
+
+
+def _args(paths):
+    return ["--phi2", paths.phi2, "--vit", paths.vit, "--qformer", paths.qformer, "--stage", paths.stage, "--preset", "tiny"]
+
+
+def test_cli_export_json_and_info(tiny_paths, tmp_path):
+    out = tmp_path / "cli-bundle"
+    r = CliRunner().invoke(cli, ["export", "--bits", "8", "-o", str(out), "--json"] + _args(tiny_paths))
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["bits"] == 8 and s["quality"]["sqnr_min_db"] > 35 and set(s["files"]) >= {"vision.onnx", LLM_FILE}
+    assert "quantize: done" in r.stderr  # one line per stage when not a terminal
+    r = CliRunner().invoke(cli, ["info", str(out), "--verify"])
+    assert r.exit_code == 0 and "8-bit" in r.stdout and "verified" in r.stdout
+    r = CliRunner().invoke(cli, ["info", str(out), "--json"])
+    assert json.loads(r.stdout)["quantization"]["bits"] == 8
+
+
+def test_cli_errors_are_one_line(tiny_paths, tmp_path):
+    r = CliRunner().invoke(cli, ["export", "-o", str(tmp_path / "b"), "--phi2", tiny_paths.phi2])
+    assert r.exit_code == 1 and "--vit" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(cli, ["info", str(tmp_path / "none")])
+    assert r.exit_code == 1 and "not found" in r.output
+    r = CliRunner().invoke(cli, ["export", "--bits", "5", "-o", "x"] + _args(tiny_paths))
+    assert r.exit_code == 2 and "bits" in r.output
