@@ -9,10 +9,7 @@ Public API (kept stable for parity checks and research use)::
 """
 from __future__ import annotations
 
-import resource
-import sys
 import time
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -22,26 +19,12 @@ from tinyv.engine.config import TinyGPTVConfig
 from tinyv.engine.errors import TinyVError
 from tinyv.engine.image import preprocess
 from tinyv.engine.phi import PhiForCausalLM
-from tinyv.engine.prompts import STOP_STRINGS, build_prompt, cut_at_stop, held_back, split_prompt
+from tinyv.engine.generate import GenerationStep, peak_rss_mb, prefill, stream_tokens  # noqa: F401
+from tinyv.engine.prompts import STOP_STRINGS, build_prompt, split_prompt
 from tinyv.engine.qformer import QFormer
 from tinyv.engine.sampling import make_sampler
-from tinyv.engine.tokenizer import StreamDecoder, Tokenizer
+from tinyv.engine.tokenizer import Tokenizer
 from tinyv.engine.vision import EVAViT, FP32LayerNorm
-
-
-def peak_rss_mb() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / (1024 * 1024) if sys.platform == "darwin" else kb / 1024
-
-
-@dataclass
-class GenerationStep:
-    """One streamed piece of the answer. ``timings`` is set on the last one only."""
-
-    text: str
-    token: int | None
-    finish_reason: str | None = None  # "stop" (### seen), "eos", "length"
-    timings: dict | None = field(default=None)
 
 
 def build_prompt_embeds(phi: PhiForCausalLM, tok: Tokenizer, prompt: str, image_embeds: torch.Tensor) -> torch.Tensor:
@@ -163,47 +146,17 @@ class TinyGPTV(nn.Module):
         self._check_length(L, max_new_tokens)
         max_new_tokens = min(max_new_tokens, self.config.phi.max_positions - L)
         cache = self.phi.new_cache(L + max_new_tokens)
-        logits = self.phi.logits(self.phi(embeds, 0, cache)[0, -1])
+        logits = prefill(self.phi, embeds, cache)
         t_first = time.perf_counter()
-
-        decoder = StreamDecoder(tok)
-        generated: list[int] = []
-        emitted = ""
-        finish = None
-        while finish is None:
-            token = sampler(logits, generated)
-            generated.append(token)
-            if token == tok.eos_id:
-                finish = "eos"
-                delta = decoder.text[len(emitted) :]  # flush what was held back
-            else:
-                decoder.push(token)
-                text, stopped = cut_at_stop(decoder.text, stop_strings)
-                if stopped:
-                    finish = "stop"
-                elif len(generated) >= max_new_tokens:
-                    finish = "length"
-                safe = text if finish else text[: len(text) - held_back(text, stop_strings)]
-                delta = safe[len(emitted) :] if safe.startswith(emitted) else ""
-            emitted += delta
-            if finish is None:
-                yield GenerationStep(delta, token)
-                pos = L + len(generated) - 1
-                emb = self.phi.embed(torch.tensor([[token]], dtype=torch.long))
-                logits = self.phi.logits(self.phi(emb, pos, cache)[0, -1])
-        t_end = time.perf_counter()
-        n_decode = len(generated) - 1
         timings = {
             "image_ms": (t_image - t0) * 1000,
             "ttft_ms": (t_first - t0) * 1000,
             "prompt_tokens": L,
             "prefill_tok_s": L / max(t_first - t_image, 1e-9),
-            "new_tokens": len(generated),
-            "decode_tok_s": n_decode / (t_end - t_first) if n_decode > 0 else None,
-            "total_ms": (t_end - t0) * 1000,
-            "peak_rss_mb": peak_rss_mb(),
+            "_t0": t0,
+            "_t_first": t_first,
         }
-        yield GenerationStep(delta, token, finish, timings)
+        yield from stream_tokens(self.phi, tok, cache, logits, L, max_new_tokens, sampler, stop_strings, timings=timings)
 
     def generate(self, image, prompt: str | None = None, max_new_tokens: int = 20, greedy: bool = True, **kw) -> list[int]:
         """The new token ids (the one that ended generation included, as transformers does)."""

@@ -44,6 +44,17 @@ class KVCache:
         self.v[layer, :, :, pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def ensure(self, capacity: int) -> None:
+        """Grow to hold ``capacity`` positions, keeping the ones filled so far."""
+        if capacity <= self.max_len:
+            return
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(old.shape[:3] + (capacity,) + old.shape[4:])
+            new[:, :, :, : self.length] = old[:, :, :, : self.length]
+            setattr(self, name, new)
+        self.max_len = capacity
+
     def truncate(self, length: int) -> None:
         """Forget positions >= length (the cached prefix stays valid)."""
         self.length = min(self.length, length)
@@ -145,8 +156,8 @@ class PhiForCausalLM(nn.Module):
         return self.embed_tokens(ids).float()
 
     def new_cache(self, max_len: int | None = None, batch: int = 1) -> KVCache:
-        p = self.lm_head.weight
-        return KVCache(self.cfg, max_len or self.cfg.max_positions, batch, dtype=p.dtype, device=p.device)
+        p = self.final_layernorm.weight  # fp32 in every form of the model (quantized too)
+        return KVCache(self.cfg, max_len or self.cfg.max_positions, batch, dtype=torch.float32, device=p.device)
 
     def forward(self, embeds: torch.Tensor, pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
         """Hidden states after ``final_layernorm`` for embeds [B, S, hidden] at positions pos..pos+S-1."""

@@ -43,6 +43,21 @@ class Tokenizer:
             raise TinyVError(f"the tokenizer in {folder} has no {EOS_TOKEN} token: is it Phi-2's?")
         return cls(tok, eos_id)
 
+    @classmethod
+    def from_file(cls, path: str, eos_id: int | None = None) -> "Tokenizer":
+        """A bundle's ``tokenizer.json``."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            tok = HFTokenizer.from_file(path)
+        except Exception as e:
+            raise TinyVError(f"cannot read the tokenizer {path}: {e}") from None
+        if eos_id is None:
+            eos_id = tok.token_to_id(EOS_TOKEN)
+        if eos_id is None:
+            raise TinyVError(f"the tokenizer {path} has no {EOS_TOKEN} token")
+        return cls(tok, eos_id)
+
     def encode(self, text: str) -> list[int]:
         """Token ids with no BOS or other special tokens added (SPEC §1.9)."""
         return self._tok.encode(text, add_special_tokens=False).ids

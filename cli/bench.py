@@ -1,0 +1,34 @@
+"""tinyv bench: speed and memory of a bundle."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from tinyv.cli.main import cli
+
+
+@cli.command("bench")
+@click.option("--bundle", "-b", type=click.Path(), help="Bundle to measure (default: the built-in model).")
+@click.option("--image", type=click.Path(exists=True, dir_okay=False), help="Image for the vision figures.")
+@click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads.")
+@click.option("--pp", default="64,512", show_default=True, help="Prompt lengths for prefill figures.")
+@click.option("--tg", type=click.IntRange(min=1), default=128, show_default=True, help="Tokens to decode.")
+@click.option("--json", "as_json", is_flag=True)
+def bench_cmd(bundle, image, runs, threads, pp, tg, as_json):
+    """Image encode (uncached/cached), TTFT, prefill pp64/pp512 and decode tg128, mean ± std."""
+    from tinyv.engine.bench import format_bench, run_bench
+    from tinyv.engine.engine import Engine
+    from tinyv.engine.errors import TinyVError
+
+    try:
+        lengths = tuple(int(x) for x in pp.split(",") if x.strip())
+    except ValueError:
+        raise TinyVError(f"--pp takes comma-separated token counts, e.g. 64,512; got {pp!r}") from None
+    engine = Engine.load(bundle, threads=threads, cache_dir=None, announce=lambda m: click.echo(m, err=True))
+    limit = engine.config.phi.max_positions
+    if any(n < 1 or n + tg > limit for n in lengths) or 64 + tg > limit:
+        raise TinyVError(f"prompt lengths plus --tg must fit the context of {limit} tokens")
+    r = run_bench(engine, image, runs=runs, pp=lengths, tg=tg, progress=lambda m: click.echo(f"bench: {m}", err=True))
+    click.echo(json.dumps(r) if as_json else format_bench(r, tg))

@@ -1,0 +1,183 @@
+"""tinyv caption / ask / chat: run a bundle (or the fp32 reference model) on images."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from tinyv.cli.main import CHECKPOINT_OPTIONS, checkpoint_options, cli
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def _err(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def expand_images(paths) -> list[str]:
+    """Files as given; folders become their image files (sorted, not recursive)."""
+    from tinyv.engine.errors import TinyVError
+
+    out = []
+    for p in paths:
+        if os.path.isdir(p):
+            found = sorted(os.path.join(p, f) for f in os.listdir(p)
+                           if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS and not f.startswith("."))
+            if not found:
+                raise TinyVError(f"{p} has no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            out.extend(found)
+        else:
+            out.append(p)
+    return out
+
+
+class Runner:
+    """One interface over the bundle engine and the fp32 reference model."""
+
+    def __init__(self, opts: dict):
+        from tinyv.engine.errors import TinyVError
+
+        given = {k: opts.get(k) for k in CHECKPOINT_OPTIONS}
+        self.engine = self.model = None
+        if any(given.values()):
+            if opts.get("bundle"):
+                raise TinyVError("give either --bundle or the checkpoint options (--phi2 ...), not both")
+            missing = [f"--{k}" for k, v in given.items() if not v]
+            if missing:
+                raise TinyVError(f"missing {', '.join(missing)}: a TinyGPT-V model needs --phi2, --vit, --qformer and --stage")
+            from tinyv.engine.model import TinyGPTV
+
+            if opts.get("threads"):
+                import torch
+
+                torch.set_num_threads(opts["threads"])
+            self.model = TinyGPTV.from_checkpoints(**given, image_size=opts.get("image_size"), preset=opts.get("preset"))
+        else:
+            from tinyv.engine.engine import Engine
+
+            self.engine = Engine.load(opts.get("bundle"), threads=opts.get("threads"), announce=_err)
+
+    def stream(self, image, question=None, task="caption", prompt=None, **sampling):
+        if self.engine is not None:
+            return self.engine.stream(image, question, task=task, prompt=prompt, **sampling)
+        from tinyv.engine.prompts import build_prompt
+
+        if prompt is None:
+            prompt = build_prompt(self.model.config.stage, question, task=task)
+        return self.model.stream(image, prompt, **sampling)
+
+
+def run_options(f):
+    opts = [
+        click.option("--bundle", "-b", type=click.Path(), help="Bundle from `tinyv export` (default: the built-in model)."),
+        click.option("--greedy/--sample", default=True, show_default=True, help="Greedy decoding or sampling."),
+        click.option("--temperature", type=click.FloatRange(min=0), default=0.6, show_default=True),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True),
+        click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True),
+        click.option("--seed", type=int, help="Seed for sampling."),
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=100, show_default=True),
+        click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: torch's choice)."),
+        click.option("--json", "as_json", is_flag=True, help="JSON output (one line per image)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return checkpoint_options(f)
+
+
+def _sampling(kw: dict) -> dict:
+    return {k: kw.pop(k) for k in ("greedy", "temperature", "top_p", "repetition_penalty", "seed", "max_new_tokens")}
+
+
+def _consume(steps, echo: bool):
+    """Drain a stream; print deltas as they come if ``echo``. Returns (text, tokens, last step)."""
+    text, tokens, last, started = "", [], None, False
+    for step in steps:
+        tokens.append(step.token)
+        piece = step.text
+        if not started:  # the answer usually begins with a space
+            piece = piece.lstrip()
+            started = bool(piece)
+        text += piece
+        last = step
+        if echo and piece:
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+    return text.rstrip(), tokens, last
+
+
+def _record(image, text, tokens, last) -> dict:
+    return {"image": image, "text": text, "tokens": tokens, "finish_reason": last.finish_reason, "timings": last.timings}
+
+
+def run_images(images, question, task, prompt, as_json, opts):
+    """Answer for every image: stream one; progress bar and a line each for many."""
+    from tinyv.engine.errors import TinyVError
+
+    sampling = _sampling(opts)
+    images = expand_images(images)
+    runner = Runner(opts)
+    if len(images) == 1:
+        text, tokens, last = _consume(runner.stream(images[0], question, task, prompt, **sampling), echo=not as_json)
+        click.echo(json.dumps(_record(images[0], text, tokens, last)) if as_json else "")
+        return
+    from tqdm import tqdm
+
+    failed = 0
+    for image in tqdm(images, desc="images", file=sys.stderr, disable=not sys.stderr.isatty()):
+        try:
+            text, tokens, last = _consume(runner.stream(image, question, task, prompt, **sampling), echo=False)
+        except TinyVError as e:
+            failed += 1
+            click.echo(json.dumps({"image": image, "error": str(e)}) if as_json else f"{image}: error: {e}")
+            continue
+        click.echo(json.dumps(_record(image, text, tokens, last)) if as_json else f"{image}: {text}")
+    if failed:
+        raise TinyVError(f"{failed} of {len(images)} images failed (see above)")
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--question", "-q", help="Ask this instead of asking for a caption.")
+@click.option("--prompt", help="Raw prompt with <ImageHere> (overrides the template and --question).")
+@run_options
+def caption(images, question, prompt, as_json, **opts):
+    """Caption IMAGES (files or folders), streaming the answer for one image."""
+    run_images(images, question, "caption", prompt, as_json, opts)
+
+
+@cli.command()
+@click.argument("image", type=click.Path(exists=True))
+@click.argument("question")
+@run_options
+def ask(image, question, as_json, **opts):
+    """Answer QUESTION about IMAGE with the VQA template (short answers)."""
+    from tinyv.engine.errors import TinyVError
+
+    if not question.strip():
+        raise TinyVError("the question is empty")
+    run_images([image], question, "vqa", None, as_json, opts)
+
+
+@cli.command()
+@click.argument("image", type=click.Path(exists=True, dir_okay=False))
+@run_options
+def chat(image, as_json, **opts):
+    """Ask questions about IMAGE one after another; the image is encoded once. Empty line or EOF ends."""
+    from tinyv.engine.errors import TinyVError
+
+    sampling = _sampling(opts)
+    runner = Runner(opts)
+    if runner.engine is None:
+        raise TinyVError("chat runs a bundle: pass --bundle (or nothing, for the built-in model)")
+    session = runner.engine.session(image)
+    tty = sys.stdin.isatty()
+    while True:
+        if tty:
+            click.echo("> ", nl=False, err=True)
+        line = sys.stdin.readline()
+        if not line or not line.strip() or line.strip() in ("quit", "exit"):
+            break
+        text, tokens, last = _consume(session.stream(line.strip(), **sampling), echo=not as_json)
+        click.echo(json.dumps({"question": line.strip(), **_record(image, text, tokens, last)}) if as_json else "")

@@ -1,0 +1,126 @@
+"""``tinyv bench``: the llama-bench figures (pp, tg) plus the vision stage llama-bench lacks.
+
+Every figure is mean ± std over ``runs``, prefill and decode apart, with peak RSS, bits per weight
+and the achieved bandwidth (LLM weight bytes read per token × tokens/s).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from tinyv.engine.cache import image_key
+from tinyv.engine.generate import decode_one, peak_rss_mb, prefill
+
+
+def _stats(values: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "median": statistics.median(values),
+        "runs": len(values),
+    }
+
+
+def bench_image(size: int = 448):
+    """A deterministic photo-like test image (shapes over a gradient)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.linear_gradient("L").resize((size, size)).convert("RGB")
+    d = ImageDraw.Draw(img)
+    d.ellipse((size // 8, size // 3, size // 2, 2 * size // 3), fill=(220, 30, 30))
+    d.rectangle((5 * size // 8, size // 3, 7 * size // 8, 2 * size // 3), fill=(30, 60, 220))
+    return img
+
+
+def run_bench(engine, image=None, runs: int = 3, pp=(64, 512), tg: int = 128, seed: int = 0, progress=None) -> dict:
+    say = progress or (lambda msg: None)
+    image = image if image is not None else bench_image()
+    engine._apply_threads()
+    phi = engine.phi
+    key = image_key(image, engine.vision_id)
+    out: dict = {"bundle": engine.bundle, "threads": torch.get_num_threads()}
+
+    say("vision")
+    engine.encode_image(image, use_cache=False)  # warm-up
+    uncached, cached = [], []
+    for _ in range(runs):
+        t = time.perf_counter()
+        engine.encode_image(image, use_cache=False)
+        uncached.append((time.perf_counter() - t) * 1000)
+    engine.encode_image(image)
+    for _ in range(runs):
+        t = time.perf_counter()
+        engine.encode_image(image)
+        cached.append((time.perf_counter() - t) * 1000)
+    out["image_encode_ms"] = {"uncached": _stats(uncached), "cached": _stats(cached)}
+
+    say("ttft")
+    ttft_cold, ttft_warm = [], []
+    for _ in range(runs):
+        engine.cache.drop(key)
+        last = list(engine.stream(image, max_new_tokens=1))[-1]
+        ttft_cold.append(last.timings["ttft_ms"])
+        last = list(engine.stream(image, max_new_tokens=1))[-1]
+        ttft_warm.append(last.timings["ttft_ms"])
+    out["ttft_ms"] = {"image_uncached": _stats(ttft_cold), "image_cached": _stats(ttft_warm)}
+
+    gen = torch.Generator().manual_seed(seed)
+    vocab = engine.tokenizer.size
+
+    def random_embeds(n):
+        return phi.embed(torch.randint(0, vocab, (1, n), generator=gen))
+
+    for n in pp:
+        say(f"pp{n}")
+        prefill(phi, random_embeds(8), phi.new_cache(8))  # warm-up
+        times = []
+        for _ in range(runs):
+            x = random_embeds(n)
+            cache = phi.new_cache(n)
+            t = time.perf_counter()
+            prefill(phi, x, cache)
+            times.append(n / (time.perf_counter() - t))
+        out[f"pp{n}_tok_s"] = _stats(times)
+
+    say(f"tg{tg}")
+    rates = []
+    for _ in range(runs):
+        cache = phi.new_cache(64 + tg)
+        logits = prefill(phi, random_embeds(64), cache)
+        t = time.perf_counter()
+        for i in range(tg):
+            logits = decode_one(phi, int(torch.argmax(logits)), 64 + i, cache)
+        rates.append(tg / (time.perf_counter() - t))
+    out[f"tg{tg}_tok_s"] = _stats(rates)
+
+    wb = engine.weight_bytes
+    q = engine.manifest["quantization"]
+    out.update({
+        "bits_per_weight": q["bits_per_weight"],
+        "llm_weight_bytes": wb,
+        "achieved_gb_s": wb * out[f"tg{tg}_tok_s"]["mean"] / 1e9,
+        "peak_rss_mb": peak_rss_mb(),
+        "kernels": "torch reference (dequantize rows + matmul)",
+        "vision": engine.manifest["vision"]["precision"],
+    })
+    return out
+
+
+def format_bench(r: dict, tg: int = 128) -> str:
+    def ms(s):
+        return f"{s['mean']:.1f} ± {s['std']:.1f}"
+
+    lines = [
+        f"bundle {r['bundle']}  ({r['bits_per_weight']:.2f} bits/weight, vision {r['vision']}, {r['threads']} threads)",
+        f"kernels: {r['kernels']}",
+        f"image encode   uncached {ms(r['image_encode_ms']['uncached'])} ms   cached {ms(r['image_encode_ms']['cached'])} ms",
+        f"TTFT           image uncached {ms(r['ttft_ms']['image_uncached'])} ms   cached {ms(r['ttft_ms']['image_cached'])} ms",
+    ]
+    for k in sorted(k for k in r if k.startswith("pp")):
+        lines.append(f"{k[:-6]:<14} {ms(r[k])} tok/s")
+    lines.append(f"tg{tg:<12} {ms(r[f'tg{tg}_tok_s'])} tok/s   ({r['achieved_gb_s']:.2f} GB/s of "
+                 f"{r['llm_weight_bytes'] / 1e6:.1f} MB weights per token)")
+    lines.append(f"peak RSS       {r['peak_rss_mb']:.0f} MB")
+    return "\n".join(lines)
