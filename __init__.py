@@ -6,10 +6,14 @@ The heavy parts (torch, the model) load on first use, so ``import tinyv`` and
 from tinyv._version import __version__
 from tinyv.engine.errors import TinyVError
 
-__all__ = ["__version__", "TinyVError", "TinyGPTV", "TinyGPTVConfig", "preset"]
+__all__ = ["__version__", "TinyVError", "Engine", "TinyGPTV", "TinyGPTVConfig", "preset"]
 
 
 def __getattr__(name):  # lazy: the model pulls in torch
+    if name == "Engine":
+        from tinyv.engine.engine import Engine
+
+        return Engine
     if name == "TinyGPTV":
         from tinyv.engine.model import TinyGPTV
 

@@ -1,0 +1,4 @@
+"""python -m tinyv.cli"""
+from tinyv.cli.main import main
+
+main()
