@@ -152,6 +152,7 @@ class Session:
         self.prefix_len = 0
         self.image_embeds = None
         self.image_cached = None
+        self._busy = False  # one answer at a time: a second would overwrite the KV cache in use
 
     def _after_text(self, question: str | None, task: str) -> str:
         if self.raw:
@@ -191,27 +192,37 @@ class Session:
     def _run(self, after: str, max_new_tokens: int, sampler, stop_event) -> Iterator[GenerationStep]:
         e = self.engine
         with e._lock:
-            e._apply_threads()
-            t0 = time.perf_counter()
-            info = self._prepare()
-            ids = e.tokenizer.encode(after)
-            limit = e.config.phi.max_positions
-            L = self.prefix_len + len(ids)
-            if L >= limit:
-                raise TinyVError(f"the prompt is {L} tokens (image included) but the model's context is {limit}; "
-                                 "shorten the question")
-            max_new_tokens = min(max_new_tokens, limit - L)
-            self.cache.ensure(L + max_new_tokens)
-            self.cache.truncate(self.prefix_len)  # forget the previous question and answer
-            t1 = time.perf_counter()
-            logits = prefill(e.phi, e.phi.embed(torch.tensor([ids], dtype=torch.long)), self.cache, self.prefix_len)
-            t_first = time.perf_counter()
-            prefilled = len(ids) + (0 if info["prefix_reused"] else self.prefix_len)
-            prefill_s = (t_first - t1) + info.pop("_prefix_s", 0.0)
-            timings = {**info, "ttft_ms": (t_first - t0) * 1000, "prompt_tokens": L, "prefilled_tokens": prefilled,
-                       "prefill_tok_s": prefilled / max(prefill_s, 1e-9), "_t0": t0, "_t_first": t_first}
-            yield from stream_tokens(e.phi, e.tokenizer, self.cache, logits, L, max_new_tokens, sampler,
-                                     e.stop_strings, stop_event, timings)
+            if self._busy:
+                raise TinyVError("this session is already answering; finish or close that stream first")
+            self._busy = True
+            try:
+                yield from self._answer(after, max_new_tokens, sampler, stop_event)
+            finally:
+                self._busy = False
+
+    def _answer(self, after: str, max_new_tokens: int, sampler, stop_event) -> Iterator[GenerationStep]:
+        e = self.engine
+        e._apply_threads()
+        t0 = time.perf_counter()
+        info = self._prepare()
+        ids = e.tokenizer.encode(after)
+        limit = e.config.phi.max_positions
+        L = self.prefix_len + len(ids)
+        if L >= limit:
+            raise TinyVError(f"the prompt is {L} tokens (image included) but the model's context is {limit}; "
+                             "shorten the question")
+        max_new_tokens = min(max_new_tokens, limit - L)
+        self.cache.ensure(L + max_new_tokens)
+        self.cache.truncate(self.prefix_len)  # forget the previous question and answer
+        t1 = time.perf_counter()
+        logits = prefill(e.phi, e.phi.embed(torch.tensor([ids], dtype=torch.long)), self.cache, self.prefix_len)
+        t_first = time.perf_counter()
+        prefilled = len(ids) + (0 if info["prefix_reused"] else self.prefix_len)
+        prefill_s = (t_first - t1) + info.pop("_prefix_s", 0.0)
+        timings = {**info, "ttft_ms": (t_first - t0) * 1000, "prompt_tokens": L, "prefilled_tokens": prefilled,
+                   "prefill_tok_s": prefilled / max(prefill_s, 1e-9), "_t0": t0, "_t_first": t_first}
+        yield from stream_tokens(e.phi, e.tokenizer, self.cache, logits, L, max_new_tokens, sampler,
+                                 e.stop_strings, stop_event, timings)
 
     def ask(self, question: str, **kw) -> str:
         return _text(self.stream(question, task="vqa", **kw))
