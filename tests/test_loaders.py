@@ -460,11 +460,11 @@ def test_vit_blocks_beyond_the_stored_extra_block_are_an_error(ckpt, tmp_path):
 
 WRONG_SHAPE = [
     ("stage", "llama_proj.weight", (96, 31), "[96, 32]"),
-    ("stage", PEFT + "layers.1.post_layernorm.weight", (81,), "[80]"),
+    ("stage", PEFT + "layers.1.post_layernorm.weight", (161,), "[160]"),
     ("vit", "blocks.0.attn.qkv.weight", (100, 48), "[144, 48]"),
     ("qformer", "query_tokens", (1, 4, 32), "[1, 8, 32]"),
-    ("phi2", "model.layers.1.mlp.fc2.weight", (192, 80), "[80, 192]"),
-    ("phi2", "model.embed_tokens.weight", (1000, 80), "[1024, 80]"),
+    ("phi2", "model.layers.1.mlp.fc2.weight", (256, 160), "[160, 256]"),
+    ("phi2", "model.embed_tokens.weight", (1000, 160), "[1024, 160]"),
 ]
 
 
