@@ -1,0 +1,281 @@
+"""The vision ONNX export: folded projections, fp32 and int8 graphs, external data, clean failure."""
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinyv import TinyVError
+from tinyv.export import vision as vx
+from tinyv.export.vision import (
+    VisionEncoder,
+    export_vision,
+    fold_projections,
+    open_vision_session,
+    probe_images,
+)
+
+
+def _pixels(batch, size, seed):
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _run(path, pixels):
+    session = open_vision_session(path, threads=1)
+    return session.run(["image_embeds"], {"pixel_values": pixels.numpy()})[0]
+
+
+def _max_rel_err(out, ref):
+    return float(np.abs(out - ref).max() / np.abs(ref).max())
+
+
+@pytest.fixture(scope="module")
+def fp32_export(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fp32") / "bundle"
+    stages = []
+    info = export_vision(tiny_model, out, "fp32", progress=stages.append)
+    return out, info, stages
+
+
+@pytest.fixture(scope="module")
+def int8_export(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8") / "bundle"
+    info = export_vision(tiny_model, out, "int8")
+    return out, info
+
+
+# -- folding and the torch module ------------------------------------------------------------------
+def test_fold_projections_equals_the_two_linears():
+    torch.manual_seed(0)
+    p1, p2 = nn.Linear(48, 96), nn.Linear(96, 80)
+    folded = fold_projections(p1, p2)
+    assert isinstance(folded, nn.Linear) and folded.weight.dtype == torch.float32
+    assert (folded.in_features, folded.out_features) == (48, 80)
+    x = torch.randn(5, 7, 48, dtype=torch.float64)
+    ref = F.linear(F.linear(x, p1.weight.double(), p1.bias.double()), p2.weight.double(), p2.bias.double())
+    got = F.linear(x, folded.weight.double(), folded.bias.double())
+    assert (got - ref).abs().max() <= 1e-6 * ref.abs().max()
+
+
+def test_fold_projections_without_bias_and_mismatched_shapes():
+    torch.manual_seed(1)
+    p1, p2 = nn.Linear(16, 32, bias=False), nn.Linear(32, 8)
+    x = torch.randn(4, 16, dtype=torch.float64)
+    ref = F.linear(x @ p1.weight.double().T, p2.weight.double(), p2.bias.double())
+    got = F.linear(x, *(t.double() for t in (fold_projections(p1, p2).weight, fold_projections(p1, p2).bias)))
+    assert (got - ref).abs().max() <= 1e-6 * ref.abs().max()
+    with pytest.raises(ValueError, match="cannot chain"):
+        fold_projections(nn.Linear(16, 32), nn.Linear(33, 8))
+
+
+def test_vision_encoder_matches_encode_pixels_and_shares_weights(tiny_model):
+    enc = VisionEncoder(tiny_model).eval()
+    assert enc.visual is tiny_model.visual and enc.qformer is tiny_model.qformer
+    assert enc.ln_vision is tiny_model.ln_vision
+    w = tiny_model.visual.blocks[0].attn.qkv.weight
+    assert dict(enc.named_parameters())["visual.blocks.0.attn.qkv.weight"].data_ptr() == w.data_ptr()
+    x = _pixels(2, tiny_model.config.image_size, 0)
+    with torch.no_grad():
+        got = enc(x)
+    ref = tiny_model.encode_pixels(x)
+    cfg = tiny_model.config
+    assert got.shape == (2, cfg.qformer.num_queries, cfg.phi.hidden)
+    assert _max_rel_err(got.numpy(), ref.numpy()) <= 1e-5
+
+
+def test_probe_images_are_deterministic():
+    a, b = probe_images(), probe_images()
+    assert len(a) == 4 and all(img.mode == "RGB" and img.size == (224, 224) for img in a)
+    assert [img.tobytes() for img in a] == [img.tobytes() for img in b]
+    assert len({img.tobytes() for img in a}) == 4
+    other = probe_images(6, size=64, seed=1)
+    assert len(other) == 6 and other[0].size == (64, 64)
+    assert other[0].tobytes() != probe_images(1, size=64, seed=0)[0].tobytes()
+
+
+# -- fp32 ------------------------------------------------------------------------------------------
+def test_fp32_export_matches_torch_at_batch_1_and_3(fp32_export, tiny_model):
+    out, info, stages = fp32_export
+    assert sorted(os.listdir(out)) == ["vision.onnx"]
+    cfg = tiny_model.config
+    assert info["file"] == "vision.onnx" and info["data_file"] is None
+    assert (info["precision"], info["opset"], info["input"], info["output"]) == ("fp32", 17, "pixel_values", "image_embeds")
+    assert (info["image_size"], info["num_queries"], info["hidden"]) == (cfg.image_size, cfg.qformer.num_queries, cfg.phi.hidden)
+    assert info["int8"] is None
+    assert info["verify"]["probes"] == 4 and info["verify"]["cosine_min"] >= 0.9999
+    assert info["verify"]["max_abs_err"] < 1e-3 and info["verify"]["seconds"] >= 0
+    assert info["verify"]["pieces"] == 1  # small graphs run whole
+    assert "tracing" in stages and "verifying" in stages and "quantizing" not in stages
+    for batch in (1, 3):
+        x = _pixels(batch, cfg.image_size, batch)
+        got = _run(out / "vision.onnx", x)
+        assert got.shape == (batch, cfg.qformer.num_queries, cfg.phi.hidden) and got.dtype == np.float32
+        assert _max_rel_err(got, tiny_model.encode_pixels(x).numpy()) <= 1e-4
+
+
+def test_fp32_graph_has_one_input_one_output_and_a_dynamic_batch(fp32_export, tiny_model):
+    out, _, _ = fp32_export
+    model = onnx.load(out / "vision.onnx")
+    onnx.checker.check_model(model)
+    (inp,), (outp,) = model.graph.input, model.graph.output
+    assert inp.name == "pixel_values" and outp.name == "image_embeds"
+    S = tiny_model.config.image_size
+    dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, S, S]
+    assert outp.type.tensor_type.shape.dim[0].dim_param == "batch"
+    # the two projections are one MatMul: the folded weight is there, llama_proj's are not
+    names = {t.name for t in model.graph.initializer}
+    assert "proj.weight.T" in names and not any("llama_proj" in n for n in names)
+
+
+def test_external_data_when_over_the_threshold(tiny_model, tmp_path):
+    out = tmp_path / "bundle"
+    info = export_vision(tiny_model, out, "fp32", external_data_threshold=1000)
+    assert info["data_file"] == "vision.onnx.data"
+    assert sorted(os.listdir(out)) == ["vision.onnx", "vision.onnx.data"]
+    assert sorted(os.listdir(tmp_path)) == ["bundle"]
+    meta = onnx.load(out / "vision.onnx", load_external_data=False)
+    ext = [t for t in meta.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert ext and {e.value for t in ext for e in t.external_data if e.key == "location"} == {"vision.onnx.data"}
+    onnx.checker.check_model(str(out / "vision.onnx"))
+    onnx.load(out / "vision.onnx")  # the data file resolves
+    assert info["verify"]["cosine_min"] >= 0.9999
+    x = _pixels(2, tiny_model.config.image_size, 7)
+    assert _max_rel_err(_run(out / "vision.onnx", x), tiny_model.encode_pixels(x).numpy()) <= 1e-4
+
+    # exporting again below the threshold leaves no stale data file behind
+    info = export_vision(tiny_model, out, "fp32")
+    assert info["data_file"] is None and sorted(os.listdir(out)) == ["vision.onnx"]
+
+
+def test_large_fp32_graphs_are_checked_piece_by_piece(tiny_model, tmp_path, monkeypatch):
+    # stands in for ViT-g, whose fp32 weights must not sit in memory twice beside the torch model
+    monkeypatch.setattr(vx, "WHOLE_RUN_BYTES", 0)
+    monkeypatch.setattr(vx, "QUANT_PIECE_BYTES", 40_000)
+    info = export_vision(tiny_model, tmp_path / "bundle", "fp32", external_data_threshold=1000, probes=probe_images(2, 64))
+    assert info["verify"]["pieces"] > 3 and info["verify"]["cosine_min"] >= 0.9999
+    x = _pixels(3, tiny_model.config.image_size, 11)
+    path = str(tmp_path / "bundle" / "vision.onnx")
+    out, n = vx.run_in_pieces(path, {"pixel_values": x.numpy()}, piece_bytes=20_000)
+    assert n > 10
+    np.testing.assert_allclose(out, _run(path, x), rtol=1e-5, atol=1e-5)
+
+
+# -- int8 ------------------------------------------------------------------------------------------
+def test_int8_export_has_signed_int8_weights(int8_export):
+    out, _ = int8_export
+    model = onnx.load(out / "vision.onnx")
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    assert onnx.TensorProto.INT8 in types.values()
+    assert onnx.TensorProto.UINT8 not in types.values()
+    weight_ops = [n for n in model.graph.node if n.op_type in ("MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul")]
+    assert weight_ops
+    for n in weight_ops:
+        assert types.get(n.input[1]) == onnx.TensorProto.INT8, n.name
+    # no weight MatMul left in fp32: the remaining MatMuls multiply two activations (attention)
+    for n in model.graph.node:
+        if n.op_type in ("MatMul", "Gemm"):
+            assert n.input[1] not in types, n.name
+
+
+def test_int8_export_quality_and_clean_directories(int8_export, tiny_model):
+    out, info = int8_export
+    assert sorted(os.listdir(out)) == ["vision.onnx"]
+    assert sorted(os.listdir(out.parent)) == ["bundle"]  # no temp dir, no fp32 intermediate
+    assert info["precision"] == "int8" and info["data_file"] is None
+    assert isinstance(info["int8"]["per_channel"], bool)
+    tried = info["int8"]["cosine_min"]
+    assert info["verify"]["cosine_min"] == max(tried.values())
+    print(f"int8 tiny: cosine_min {info['verify']['cosine_min']:.6f} (per-tensor {tried['per_tensor']:.6f}, "
+          f"per-channel {tried['per_channel']:.6f}), max_abs_err {info['verify']['max_abs_err']:.4g}")
+    assert info["verify"]["cosine_min"] >= 0.99
+    x = _pixels(3, tiny_model.config.image_size, 3)
+    got = _run(out / "vision.onnx", x)
+    assert vx.compare(got, tiny_model.encode_pixels(x).numpy())["cosine_min"] >= 0.99
+
+
+def test_int8_external_data(tiny_model, tmp_path):
+    out = tmp_path / "bundle"
+    info = export_vision(tiny_model, out, "int8", external_data_threshold=1000, probes=probe_images(2, 96))
+    assert info["data_file"] == "vision.onnx.data" and info["verify"]["probes"] == 2
+    assert sorted(os.listdir(out)) == ["vision.onnx", "vision.onnx.data"]
+    assert sorted(os.listdir(tmp_path)) == ["bundle"]
+    assert info["verify"]["cosine_min"] >= 0.99
+
+
+def test_quantizing_in_pieces_gives_the_same_graph(tiny_model, tmp_path):
+    # full-size exports quantize the graph in pieces (quantize_dynamic holds ~3 copies of its
+    # input); cutting anywhere must give exactly what one piece gives
+    fp32 = tmp_path / "fp32" / "vision.onnx"
+    fp32.parent.mkdir()
+    vx._write_fp32(VisionEncoder(tiny_model).eval(), str(fp32), tiny_model.config.image_size, 17)
+    meta = onnx.load(fp32, load_external_data=False)
+    inits = {t.name: t for t in meta.graph.initializer}
+    x = _pixels(2, tiny_model.config.image_size, 5)
+    outs = {}
+    for budget in (1 << 30, 20_000):
+        dst = tmp_path / f"q{budget}" / "vision.onnx"
+        dst.parent.mkdir()
+        vx.quantize_pieces(str(fp32), str(dst), per_channel=True, piece_bytes=budget)
+        assert sorted(os.listdir(dst.parent)) == ["vision.onnx", "vision.onnx.data"]
+        ops = [n.op_type for n in onnx.load(dst).graph.node]
+        outs[budget] = (_run(dst, x), ops.count("MatMulInteger"), ops.count("DynamicQuantizeLinear"))
+    assert len(vx._partition(list(meta.graph.node), inits, 20_000)) > 5
+    whole = outs[1 << 30]
+    for budget, (out, n_mm, n_dq) in outs.items():
+        assert (n_mm, n_dq) == whole[1:]  # shared activation quantizers are not duplicated
+        np.testing.assert_array_equal(out, whole[0])
+
+
+def test_int8_export_in_pieces(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(vx, "QUANT_PIECE_BYTES", 30_000)
+    info = export_vision(tiny_model, tmp_path / "bundle", "int8", probes=probe_images(2, 64))
+    assert info["verify"]["cosine_min"] >= 0.99
+    assert sorted(os.listdir(tmp_path)) == ["bundle"] and sorted(os.listdir(tmp_path / "bundle")) == ["vision.onnx"]
+
+
+# -- failures leave nothing behind -----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "precision,target,nth",
+    [("fp32", "_verify", 1), ("int8", "quantize_pieces", 2), ("int8", "_verify", 2), ("fp32", "_move_into_place", 1)],
+)
+@pytest.mark.parametrize("existing", [False, True])
+def test_failure_mid_export_leaves_no_files(tiny_model, tmp_path, monkeypatch, precision, target, nth, existing):
+    out = tmp_path / "bundle"
+    if existing:
+        out.mkdir()
+        (out / "manifest.json").write_text("{}")
+    real = getattr(vx, target)
+    calls = []
+
+    def flaky(*a, **kw):
+        calls.append(1)
+        if len(calls) == nth:
+            raise RuntimeError("boom")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(vx, target, flaky)
+    with pytest.raises(RuntimeError, match="boom"):
+        export_vision(tiny_model, out, precision, probes=probe_images(2, 64))
+    assert len(calls) == nth
+    if existing:
+        assert sorted(os.listdir(tmp_path)) == ["bundle"] and sorted(os.listdir(out)) == ["manifest.json"]
+    else:
+        assert os.listdir(tmp_path) == []
+
+
+def test_a_graph_that_does_not_match_is_rejected(tiny_model, tmp_path):
+    with pytest.raises(TinyVError, match="does not match"):
+        export_vision(tiny_model, tmp_path / "bundle", "fp32", min_cosine=1.5, probes=probe_images(1, 64))
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_arguments(tiny_model, tmp_path):
+    with pytest.raises(TinyVError, match="precision"):
+        export_vision(tiny_model, tmp_path / "b", "int4")
+    with pytest.raises(TinyVError, match="not found"):
+        open_vision_session(tmp_path / "missing.onnx")
+    assert os.listdir(tmp_path) == []
