@@ -17,6 +17,7 @@ import urllib.parse
 import urllib.request
 
 from tinyv.engine.errors import TinyVError
+from tinyv.engine.paths import cache_dir  # noqa: F401  (re-exported)
 
 LAVIS = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2"
 KNOWN = {
@@ -29,14 +30,6 @@ KNOWN = {
     "blip2-flant5xxl": f"{LAVIS}/blip2_pretrained_flant5xxl.pth",
 }
 PHI2_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
-
-
-def cache_dir() -> str:
-    """tinyv's cache folder: $TINYV_CACHE, else $XDG_CACHE_HOME/tinyv, else ~/.cache/tinyv."""
-    if os.environ.get("TINYV_CACHE"):
-        return os.environ["TINYV_CACHE"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "tinyv")
 
 
 def resolve(spec, what: str, folder: bool = False) -> str:
