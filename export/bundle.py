@@ -125,7 +125,8 @@ def export_bundle(
     """Export a bundle to ``out``; returns its manifest. Raises TinyVError on bad input or a failed gate."""
     from tinyv.export.loaders import PhiWeights, build_model, open_checkpoints
     from tinyv.export.quality import StreamedPhi, compare_greedy
-    from tinyv.export.vision import export_vision, open_vision_session, probe_images
+    from tinyv.engine.vision_onnx import open_session as open_vision_session
+    from tinyv.export.vision import export_vision, probe_images
 
     qcfg = QuantConfig(bits, group_size)
     if vision not in VISION_PRECISIONS:
