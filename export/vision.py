@@ -51,6 +51,8 @@ MAX_PROTO = 2**31 - 1  # protobuf cannot serialize a larger message
 QUANT_PIECE_BYTES = 256 << 20  # fp32 weights handed to one quantize_dynamic call
 WHOLE_RUN_BYTES = 1 << 30  # fp32 graphs with more weights are checked piece by piece
 _REFERENCE_BATCH = 4  # probes per torch forward
+_VERIFY_BATCH = 2  # probes per ONNX Runtime run: exercises the batch axis; 4 at once cost ViT-g
+# another 1.3 GB of activations and ran no faster
 _EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inside the .onnx file (onnx's own default)
 _ALIGN = 4096  # page-aligned offsets let ONNX Runtime map the data file instead of reading it
 _RENAME = {"Transpose": ".T", "Cast": "", "Identity": ""}  # folded weight -> initializer name suffix
@@ -142,19 +144,27 @@ def open_vision_session(path, threads: int | None = None):
     return _session(path, threads)
 
 
-def _session(path, threads: int | None = None, prepack: bool = True):
+def _session(model, threads: int | None = None, *, prepack: bool = True, arena: bool = True):
+    """A CPU session for a path or serialized model.
+
+    The export's piecewise checks turn the memory arena off (with it, ONNX Runtime kept ~2 GB
+    after a ViT-g piece's session was gone), and its load-only check turns prepacking off (the
+    weights then stay in the mapped data file instead of being copied).
+    """
     import onnxruntime as ort
 
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise TinyVError(f"vision graph not found: {path}; export it with export_vision()")
+    if not isinstance(model, bytes):
+        model = os.fspath(model)
+        if not os.path.isfile(model):
+            raise TinyVError(f"vision graph not found: {model}; export it with export_vision()")
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = int(threads)
-    if not prepack:  # weights stay in the mapped data file: no second, anonymous copy
+    if not prepack:
         opts.add_session_config_entry("session.disable_prepacking", "1")
-    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    opts.enable_cpu_mem_arena = arena
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
 def _release_memory(collect: bool = True) -> None:
@@ -201,7 +211,10 @@ def export_vision(
     os.makedirs(out_dir, exist_ok=True)
     work = None
     try:
-        work = tempfile.mkdtemp(prefix=".vision-export-", dir=os.path.dirname(out_dir))
+        try:  # beside out_dir: same file system, so the final move is a rename
+            work = tempfile.mkdtemp(prefix=".vision-export-", dir=os.path.dirname(out_dir))
+        except OSError:
+            work = tempfile.mkdtemp(prefix="tinyv-vision-export-")
         # torch reference first: no ONNX Runtime session exists yet
         say("reference")
         probes = probe_images() if probes is None else list(probes)
@@ -319,21 +332,72 @@ def _save(proto, nodes, initializers, path: str) -> None:
 
 
 def _inline_if_small(path: str, threshold: int) -> None:
-    """Pull the external data back into the .onnx file when the whole model fits ``threshold``."""
+    """Pull the external data back into the .onnx file when the whole model fits ``threshold``.
+
+    The file is written field by field in protobuf's wire format, one tensor at a time: going
+    through ``onnx.load``/``onnx.save`` would hold the weights in memory twice (message + bytes).
+    """
     import onnx
 
     data = path + ".data"
     if not os.path.exists(data):
         return
-    meta = onnx.load(path, load_external_data=False)
-    external = sum(int(_external_field(t, "length")) for t in meta.graph.initializer if _is_external(t))
-    if os.path.getsize(path) + external > threshold:
+    model = onnx.load(path, load_external_data=False)
+    graph = model.graph
+    external = [t for t in graph.initializer if _is_external(t)]
+    if os.path.getsize(path) + sum(int(_external_field(t, "length")) for t in external) > threshold:
         return
-    del meta
-    model = onnx.load(path)  # reads the data and marks every tensor inline
-    onnx.save(model, path)
-    del model
+    heads = []  # (tensor without its data, offset, length, serialized size with the data)
+    for t in external:
+        head = onnx.TensorProto()
+        head.CopyFrom(t)
+        head.ClearField("external_data")
+        head.ClearField("data_location")
+        offset, length = int(_external_field(t, "offset")), int(_external_field(t, "length"))
+        heads.append((head, offset, length, head.ByteSize() + _field_len(_RAW_DATA, length)))
+    inline = [t for t in graph.initializer if not _is_external(t)]
+    del graph.initializer[:]
+    graph.initializer.extend(inline)
+    graph_bytes = graph.SerializeToString()
+    graph_len = len(graph_bytes) + sum(_field_len(_INITIALIZER, size) for *_, size in heads)
+    model.ClearField("graph")
+    tmp = path + ".inline"
+    with open(tmp, "wb") as out, open(data, "rb") as src:
+        out.write(model.SerializeToString())
+        out.write(_key(_GRAPH) + _varint(graph_len))
+        out.write(graph_bytes)
+        for head, offset, length, size in heads:
+            out.write(_key(_INITIALIZER) + _varint(size))
+            out.write(head.SerializeToString())
+            out.write(_key(_RAW_DATA) + _varint(length))
+            src.seek(offset)
+            while length:
+                chunk = src.read(min(length, 64 << 20))
+                out.write(chunk)
+                length -= len(chunk)
+    os.replace(tmp, path)
     os.remove(data)
+
+
+# protobuf field numbers: ModelProto.graph, GraphProto.initializer, TensorProto.raw_data
+_GRAPH, _INITIALIZER, _RAW_DATA = 7, 5, 9
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _key(field: int) -> bytes:
+    return _varint(field << 3 | 2)  # wire type 2: length-delimited
+
+
+def _field_len(field: int, length: int) -> int:
+    return len(_key(field)) + len(_varint(length)) + length
 
 
 def _is_external(t) -> bool:
@@ -608,24 +672,22 @@ def _piece_model(meta, piece: list, inits: dict, types: dict, needed_later: set,
     missing += [v for v in made if v in needed_later and v not in types]
     if missing:
         raise RuntimeError(f"shape inference gave no type for {', '.join(missing[:5])}")
-    weights = []
+    model = onnx.ModelProto(ir_version=meta.ir_version)
+    model.opset_import.extend(meta.opset_import)
+    graph = model.graph  # filled in place: the weights are copied once, not per helper call
+    graph.name = "piece"
+    graph.node.extend(piece)
+    graph.input.extend(types[v] for v in reads if v not in made_set and v not in inits)
+    graph.output.extend(types[v] for v in made if v in needed_later)
     for v in reads:
         if v in inits:
-            t = onnx.TensorProto()
+            t = graph.initializer.add()
             t.CopyFrom(inits[v])
             if _is_external(t):
                 load_external_data_for_tensor(t, base)
-                t.data_location = onnx.TensorProto.DEFAULT
-                del t.external_data[:]
-            weights.append(t)
-    graph = onnx.helper.make_graph(
-        piece,
-        "piece",
-        [types[v] for v in reads if v not in made_set and v not in inits],
-        [types[v] for v in made if v in needed_later],
-        initializer=weights,
-    )
-    return onnx.helper.make_model(graph, opset_imports=meta.opset_import, ir_version=meta.ir_version)
+                t.ClearField("data_location")
+                t.ClearField("external_data")
+    return model
 
 
 # -- verification ---------------------------------------------------------------------------------
@@ -636,20 +698,24 @@ def _verify(path: str, pixels: torch.Tensor, reference: np.ndarray, whole: bool 
     weights (no prepacking, the data file is mapped), then the numbers come from running it
     piece by piece, so no more than a piece of weights is ever in memory beside the torch model.
     """
-    feeds = {INPUT: pixels.numpy()}
     t0 = time.perf_counter()
-    session = _session(path, prepack=whole)
-    t1 = time.perf_counter()
     if whole:
-        out, pieces = session.run([OUTPUT], feeds)[0], 1
-    else:
+        session = _session(path)
+        t1 = time.perf_counter()
+        runs = [session.run([OUTPUT], {INPUT: x.numpy()})[0] for x in pixels.split(_VERIFY_BATCH)]
+        out = np.concatenate(runs)
+        pieces = 1
         del session
-        out, pieces = run_in_pieces(path, feeds)
+    else:
+        _session(path, prepack=False, arena=False)  # the file loads: graph valid, data file found
+        t1 = time.perf_counter()
+        out, pieces = run_in_pieces(path, {INPUT: pixels.numpy()})
     t2 = time.perf_counter()
-    session = None
     _release_memory()
     if out.shape != reference.shape:
-        raise TinyVError(f"the exported vision graph returned shape {list(out.shape)}, expected {list(reference.shape)}")
+        raise TinyVError(
+            f"the exported vision graph returned shape {list(out.shape)}, expected {list(reference.shape)}"
+        )
     return {
         "probes": int(reference.shape[0]),
         **compare(out, reference),
@@ -663,7 +729,6 @@ def run_in_pieces(path: str, feeds: dict, piece_bytes: int | None = None) -> tup
     """Run ``path`` as consecutive pieces of at most ``piece_bytes`` of weights, one ONNX Runtime
     session at a time. Returns the graph's output and the number of pieces."""
     import onnx
-    import onnxruntime as ort
 
     meta = onnx.load(path, load_external_data=False)
     graph = meta.graph
@@ -671,13 +736,11 @@ def run_in_pieces(path: str, feeds: dict, piece_bytes: int | None = None) -> tup
     inits = {t.name: t for t in graph.initializer}
     pieces = _partition(list(graph.node), inits, piece_bytes or QUANT_PIECE_BYTES)
     last_use = _last_use(pieces, graph)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     values = dict(feeds)
     for k, piece in enumerate(pieces):
         later = {v for v, j in last_use.items() if j > k}
         sub = _piece_model(meta, piece, inits, types, later, os.path.dirname(path))
-        session = ort.InferenceSession(sub.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        session = _session(sub.SerializeToString(), arena=False)
         names = [o.name for o in sub.graph.output]
         ins = {i.name: values[i.name] for i in sub.graph.input}
         del sub

@@ -1,5 +1,6 @@
 """The vision ONNX export: folded projections, fp32 and int8 graphs, external data, clean failure."""
 import os
+import shutil
 
 import numpy as np
 import onnx
@@ -48,25 +49,25 @@ def int8_export(tiny_model, tmp_path_factory):
 
 
 # -- folding and the torch module ------------------------------------------------------------------
-def test_fold_projections_equals_the_two_linears():
-    torch.manual_seed(0)
-    p1, p2 = nn.Linear(48, 96), nn.Linear(96, 80)
+def _two_linears_vs_folded(p1, p2, x):
+    """float64 outputs of p2(p1(x)) and of the folded Linear, both from the stored parameters."""
+    def lin(m, x):
+        return F.linear(x, m.weight.double(), None if m.bias is None else m.bias.double())
+
     folded = fold_projections(p1, p2)
     assert isinstance(folded, nn.Linear) and folded.weight.dtype == torch.float32
-    assert (folded.in_features, folded.out_features) == (48, 80)
-    x = torch.randn(5, 7, 48, dtype=torch.float64)
-    ref = F.linear(F.linear(x, p1.weight.double(), p1.bias.double()), p2.weight.double(), p2.bias.double())
-    got = F.linear(x, folded.weight.double(), folded.bias.double())
-    assert (got - ref).abs().max() <= 1e-6 * ref.abs().max()
+    assert (folded.in_features, folded.out_features) == (p1.in_features, p2.out_features)
+    return lin(p2, lin(p1, x)), lin(folded, x)
 
 
-def test_fold_projections_without_bias_and_mismatched_shapes():
-    torch.manual_seed(1)
-    p1, p2 = nn.Linear(16, 32, bias=False), nn.Linear(32, 8)
-    x = torch.randn(4, 16, dtype=torch.float64)
-    ref = F.linear(x @ p1.weight.double().T, p2.weight.double(), p2.bias.double())
-    got = F.linear(x, *(t.double() for t in (fold_projections(p1, p2).weight, fold_projections(p1, p2).bias)))
-    assert (got - ref).abs().max() <= 1e-6 * ref.abs().max()
+def test_fold_projections_equals_the_two_linears(tiny_model):
+    torch.manual_seed(0)
+    cases = [(nn.Linear(48, 96), nn.Linear(96, 80)), (nn.Linear(16, 32, bias=False), nn.Linear(32, 8)),
+             (tiny_model.llama_proj, tiny_model.llama_proj2)]
+    for p1, p2 in cases:
+        x = torch.randn(5, 7, p1.in_features, dtype=torch.float64)
+        ref, got = _two_linears_vs_folded(p1, p2, x)
+        assert (got - ref).abs().max() <= 1e-6 * ref.abs().max()
     with pytest.raises(ValueError, match="cannot chain"):
         fold_projections(nn.Linear(16, 32), nn.Linear(33, 8))
 
@@ -164,6 +165,29 @@ def test_large_fp32_graphs_are_checked_piece_by_piece(tiny_model, tmp_path, monk
     np.testing.assert_allclose(out, _run(path, x), rtol=1e-5, atol=1e-5)
 
 
+def test_inlining_the_data_file_gives_the_same_model(tiny_model, tmp_path):
+    ext = tmp_path / "ext" / "vision.onnx"
+    ext.parent.mkdir()
+    vx._write_fp32(VisionEncoder(tiny_model), str(ext), tiny_model.config.image_size, 17)
+    assert (tmp_path / "ext" / "vision.onnx.data").exists()
+    inl = tmp_path / "inl" / "vision.onnx"
+    shutil.copytree(ext.parent, inl.parent)
+    vx._inline_if_small(str(inl), 1000)  # over the threshold: stays external
+    assert sorted(os.listdir(inl.parent)) == ["vision.onnx", "vision.onnx.data"]
+    vx._inline_if_small(str(inl), 2**31 - 1)
+    assert sorted(os.listdir(inl.parent)) == ["vision.onnx"]
+    a, b = onnx.load(ext), onnx.load(inl)
+    onnx.checker.check_model(b)
+    assert a.graph.node == b.graph.node and a.graph.input == b.graph.input and a.graph.output == b.graph.output
+    assert not any(t.external_data for t in b.graph.initializer)
+    xs = {t.name: onnx.numpy_helper.to_array(t) for t in a.graph.initializer}
+    ys = {t.name: onnx.numpy_helper.to_array(t) for t in b.graph.initializer}
+    assert xs.keys() == ys.keys()
+    for name, x in xs.items():
+        assert x.dtype == ys[name].dtype
+        np.testing.assert_array_equal(x, ys[name])
+
+
 # -- int8 ------------------------------------------------------------------------------------------
 def test_int8_export_has_signed_int8_weights(int8_export):
     out, _ = int8_export
@@ -240,7 +264,13 @@ def test_int8_export_in_pieces(tiny_model, tmp_path, monkeypatch):
 # -- failures leave nothing behind -----------------------------------------------------------------
 @pytest.mark.parametrize(
     "precision,target,nth",
-    [("fp32", "_verify", 1), ("int8", "quantize_pieces", 2), ("int8", "_verify", 2), ("fp32", "_move_into_place", 1)],
+    [
+        ("fp32", "_TensorWriter.add", 20),  # half-written weight file
+        ("fp32", "_verify", 1),
+        ("fp32", "_move_into_place", 1),
+        ("int8", "quantize_pieces", 2),  # one candidate already written
+        ("int8", "_verify", 2),
+    ],
 )
 @pytest.mark.parametrize("existing", [False, True])
 def test_failure_mid_export_leaves_no_files(tiny_model, tmp_path, monkeypatch, precision, target, nth, existing):
@@ -248,7 +278,9 @@ def test_failure_mid_export_leaves_no_files(tiny_model, tmp_path, monkeypatch, p
     if existing:
         out.mkdir()
         (out / "manifest.json").write_text("{}")
-    real = getattr(vx, target)
+    owner, _, name = target.rpartition(".")
+    owner = getattr(vx, owner) if owner else vx
+    real = getattr(owner, name)
     calls = []
 
     def flaky(*a, **kw):
@@ -257,7 +289,7 @@ def test_failure_mid_export_leaves_no_files(tiny_model, tmp_path, monkeypatch, p
             raise RuntimeError("boom")
         return real(*a, **kw)
 
-    monkeypatch.setattr(vx, target, flaky)
+    monkeypatch.setattr(owner, name, flaky)
     with pytest.raises(RuntimeError, match="boom"):
         export_vision(tiny_model, out, precision, probes=probe_images(2, 64))
     assert len(calls) == nth
