@@ -125,7 +125,6 @@ def export_bundle(
     """Export a bundle to ``out``; returns its manifest. Raises TinyVError on bad input or a failed gate."""
     from tinyv.export.loaders import PhiWeights, build_model, open_checkpoints
     from tinyv.export.quality import StreamedPhi, compare_greedy
-    from tinyv.engine.vision_onnx import open_session as open_vision_session
     from tinyv.export.vision import export_vision, probe_images
 
     qcfg = QuantConfig(bits, group_size)
@@ -188,9 +187,7 @@ def export_bundle(
         # verify: quantized LLM + bundle's vision graph vs fp32 torch, streamed
         t = time.perf_counter()
         progress("verify", 0, 2)
-        session = open_vision_session(os.path.join(tmp, vinfo["file"]))
-        q_image = torch.from_numpy(session.run(None, {vinfo["input"]: pixels.numpy()})[0])
-        del session
+        q_image = torch.from_numpy(_run_vision(os.path.join(tmp, vinfo["file"]), vinfo, pixels))
         quant = build_quant_phi(cfg.phi, tensors, qcfg)
         ref = StreamedPhi(cfg.phi, weights)
         prompt = prompts.build_prompt(cfg.stage)
@@ -247,6 +244,22 @@ def export_bundle(
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_vision(path: str, vinfo: dict, pixels: torch.Tensor):
+    """The bundle's vision graph on ``pixels``; a large graph runs piece by piece, so the export
+    does not hold a whole ONNX Runtime copy of ViT-g next to the quantized LLM."""
+    from tinyv.engine.vision_onnx import open_session
+    from tinyv.export.vision import WHOLE_RUN_BYTES, run_in_pieces
+
+    data = vinfo.get("data_file")
+    if data and os.path.getsize(os.path.join(os.path.dirname(path), data)) > WHOLE_RUN_BYTES:
+        return run_in_pieces(path, {vinfo["input"]: pixels.numpy()})[0]
+    session = open_session(path)
+    try:
+        return session.run(None, {vinfo["input"]: pixels.numpy()})[0]
+    finally:
+        del session
 
 
 def _check_gate(q: dict, min_sqnr, min_agreement, max_kl) -> None:
