@@ -140,8 +140,10 @@ def probe_images(n: int = 4, size: int = 224, seed: int = 0) -> list:
 
 # -- ONNX Runtime ---------------------------------------------------------------------------------
 def open_vision_session(path, threads: int | None = None):
-    """An ONNX Runtime CPU session for ``vision.onnx``, all graph optimizations on."""
-    return _session(path, threads)
+    """An ONNX Runtime CPU session for ``vision.onnx`` (the engine's own opener)."""
+    from tinyv.engine.vision_onnx import open_session
+
+    return open_session(path, threads=threads)
 
 
 def _session(model, threads: int | None = None, *, prepack: bool = True, arena: bool = True):
