@@ -12,7 +12,7 @@ import tempfile
 
 from tinyv.engine.paths import cache_dir
 
-DEFAULT_NAME = "random-tiny-v1"
+DEFAULT_NAME = "random-tiny-v2"
 NOTE = (
     "tinyv: no model given, so this runs a tiny model with RANDOM weights: the pipeline is real, "
     "the words are noise. For TinyGPT-V, export a bundle (tinyv export --help) and pass --bundle, "
@@ -38,12 +38,23 @@ def _once(folder: str, make) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _config():
+    """The tiny preset with its vocabulary cut to the demo tokenizer's 400 entries, so the random
+    model's output is visible noise rather than ids that decode to nothing."""
+    import dataclasses
+
+    from tinyv.engine.config import preset
+
+    cfg = preset("tiny")
+    return cfg.replace(phi=dataclasses.replace(cfg.phi, vocab_size=400))
+
+
 def random_default_checkpoints():
     """(CheckpointPaths, note): tiny random checkpoints, written once and reused."""
     from tinyv.testing import CheckpointPaths, write_checkpoints
 
     folder = os.path.join(cache_dir(), DEFAULT_NAME, "checkpoints")
-    _once(folder, lambda tmp: write_checkpoints(tmp, "tiny", seed=0))
+    _once(folder, lambda tmp: write_checkpoints(tmp, _config(), seed=0))
     paths = CheckpointPaths(
         phi2=os.path.join(folder, "phi-2"),
         vit=os.path.join(folder, "eva_vit_g.pth"),

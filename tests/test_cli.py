@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from tinyv.cli.main import cli
+from tinyv.engine.default import DEFAULT_NAME
 
 
 @pytest.fixture
@@ -25,7 +26,7 @@ def test_default_model_is_announced_as_random(runner, scene_path, tmp_path):
     r = runner.invoke(cli, ["caption", scene_path, "--max-new-tokens", "4"])
     assert r.exit_code == 0, r.output
     assert "RANDOM weights" in r.stderr
-    assert os.path.isdir(tmp_path / "cache" / "random-tiny-v1")
+    assert os.path.isdir(tmp_path / "cache" / DEFAULT_NAME)
     leftovers = [n for n in os.listdir(tmp_path / "cache") if n.startswith(".")]
     assert leftovers == []  # the temp folder was renamed into place
     r2 = runner.invoke(cli, ["caption", scene_path, "--max-new-tokens", "4"])  # reuses the cache

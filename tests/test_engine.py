@@ -20,6 +20,7 @@ import tinyv.engine.engine as engine_mod
 from tinyv import TinyVError
 from tinyv.cli.main import cli
 from tinyv.engine.bundle import LLM_FILE
+from tinyv.engine.default import DEFAULT_NAME
 from tinyv.engine.engine import Engine
 from tinyv.engine.generate import prefill
 from tinyv.engine.model import build_prompt_embeds
@@ -513,11 +514,11 @@ def test_default_model_announced_created_once_and_reused(tmp_path, monkeypatch, 
     notes = []
     e = Engine.load(announce=notes.append)
     assert len(notes) == 1 and "RANDOM weights" in notes[0]
-    folder = cache / "random-tiny-v1" / "bundle-q4"
+    folder = cache / DEFAULT_NAME / "bundle-q4"
     assert os.path.realpath(e.bundle) == os.path.realpath(folder) and (folder / "manifest.json").is_file()
     assert e.manifest["quantization"]["bits"] == 4
     assert e.cache.folder.startswith(str(cache))  # the embedding cache lives under TINYV_CACHE too
-    assert [n for n in os.listdir(cache / "random-tiny-v1") if n.startswith(".")] == []
+    assert [n for n in os.listdir(cache / DEFAULT_NAME) if n.startswith(".")] == []
     tokens = _run(e, scene, max_new_tokens=4)[0]
     stamp = {p: os.stat(folder / p).st_mtime_ns for p in os.listdir(folder)}
 
