@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from tinyv.cli.main import CHECKPOINT_OPTIONS, checkpoint_options, cli
+from tinyv.cli.main import checkpoint_options, checkpoint_sources, cli
 
 
 class StageProgress:
@@ -54,12 +54,7 @@ class StageProgress:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def export_cmd(bits, group_size, vision, output, force, min_sqnr, min_agreement, max_kl, as_json, **ckpt):
     """Export checkpoints to a quantized bundle (vision ONNX + quantized Phi-2)."""
-    from tinyv.engine.errors import TinyVError
-
-    given = {k: ckpt.get(k) for k in CHECKPOINT_OPTIONS}
-    missing = [f"--{k}" for k, v in given.items() if not v]
-    if missing:
-        raise TinyVError(f"missing {', '.join(missing)}: export needs --phi2, --vit, --qformer and --stage")
+    given = checkpoint_sources(ckpt, "export")
     from tinyv.export.bundle import export_bundle
 
     bar = StageProgress(enabled=True)

@@ -55,6 +55,17 @@ def checkpoint_options(f):
     return f
 
 
+def checkpoint_sources(opts: dict, needed_for: str) -> dict:
+    """The four checkpoint options, all given (else one error naming the missing ones)."""
+    from tinyv.engine.errors import TinyVError
+
+    given = {k: opts.get(k) for k in CHECKPOINT_OPTIONS}
+    missing = [f"--{k}" for k, v in given.items() if not v]
+    if missing:
+        raise TinyVError(f"missing {', '.join(missing)}: {needed_for} needs --phi2, --vit, --qformer and --stage")
+    return given
+
+
 def main():  # console-script entry point
     cli(prog_name="tinyv")
 

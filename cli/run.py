@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from tinyv.cli.main import CHECKPOINT_OPTIONS, checkpoint_options, cli
+from tinyv.cli.main import CHECKPOINT_OPTIONS, checkpoint_options, checkpoint_sources, cli
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -39,14 +39,11 @@ class Runner:
     def __init__(self, opts: dict):
         from tinyv.engine.errors import TinyVError
 
-        given = {k: opts.get(k) for k in CHECKPOINT_OPTIONS}
         self.engine = self.model = None
-        if any(given.values()):
+        if any(opts.get(k) for k in CHECKPOINT_OPTIONS):
             if opts.get("bundle"):
                 raise TinyVError("give either --bundle or the checkpoint options (--phi2 ...), not both")
-            missing = [f"--{k}" for k, v in given.items() if not v]
-            if missing:
-                raise TinyVError(f"missing {', '.join(missing)}: a TinyGPT-V model needs --phi2, --vit, --qformer and --stage")
+            given = checkpoint_sources(opts, "a TinyGPT-V model")
             from tinyv.engine.model import TinyGPTV
 
             if opts.get("threads"):

@@ -99,11 +99,11 @@ class TinyGPTV(nn.Module):
     def next_token_logits(self, image, prompt: str) -> torch.Tensor:
         """Logits [vocab] for the token after ``prompt`` (raw template with <ImageHere>)."""
         embeds = self.prompt_embeds(prompt, self._image_embeds(image))
-        self._check_length(embeds.shape[1], 0)
+        self._check_length(embeds.shape[1])
         hidden = self.phi(embeds)
         return self.phi.logits(hidden[0, -1]).float()
 
-    def _check_length(self, prompt_len: int, max_new_tokens: int) -> None:
+    def _check_length(self, prompt_len: int) -> None:
         limit = self.config.phi.max_positions
         if prompt_len >= limit:
             raise TinyVError(
@@ -143,7 +143,7 @@ class TinyGPTV(nn.Module):
         t_image = time.perf_counter()
         embeds = self.prompt_embeds(prompt, image_embeds)
         L = embeds.shape[1]
-        self._check_length(L, max_new_tokens)
+        self._check_length(L)
         max_new_tokens = min(max_new_tokens, self.config.phi.max_positions - L)
         cache = self.phi.new_cache(L + max_new_tokens)
         logits = prefill(self.phi, embeds, cache)

@@ -292,10 +292,10 @@ class Assembler:
         self.expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         self.filled: dict[str, str] = {}
 
-    def put(self, key: str, tensor: torch.Tensor, origin: str, override: bool = False) -> None:
+    def put(self, key: str, tensor: torch.Tensor, origin: str) -> None:
         if key not in self.expected:
             raise TinyVError(f"{origin} maps to {key}, which this model does not have")
-        if key in self.filled and not override:
+        if key in self.filled:
             raise TinyVError(f"{key} is given twice: by {self.filled[key]} and by {origin}")
         if tuple(tensor.shape) != self.expected[key]:
             raise TinyVError(
