@@ -15,8 +15,9 @@ from tinyv.cli.main import cli
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads.")
 @click.option("--pp", default="64,512", show_default=True, help="Prompt lengths for prefill figures.")
 @click.option("--tg", type=click.IntRange(min=1), default=128, show_default=True, help="Tokens to decode.")
+@click.option("--llm-only", is_flag=True, help="Skip the vision graph (never loaded): the language model's own speed and peak RSS.")
 @click.option("--json", "as_json", is_flag=True)
-def bench_cmd(bundle, image, runs, threads, pp, tg, as_json):
+def bench_cmd(bundle, image, runs, threads, pp, tg, llm_only, as_json):
     """Image encode (uncached/cached), TTFT, prefill pp64/pp512 and decode tg128, mean ± std."""
     from tinyv.engine.bench import format_bench, run_bench
     from tinyv.engine.engine import Engine
@@ -30,5 +31,6 @@ def bench_cmd(bundle, image, runs, threads, pp, tg, as_json):
     limit = engine.config.phi.max_positions
     if any(n < 1 or n + tg > limit for n in lengths) or 64 + tg > limit:
         raise TinyVError(f"prompt lengths plus --tg must fit the context of {limit} tokens")
-    r = run_bench(engine, image, runs=runs, pp=lengths, tg=tg, progress=lambda m: click.echo(f"bench: {m}", err=True))
+    r = run_bench(engine, image, runs=runs, pp=lengths, tg=tg, llm_only=llm_only,
+                  progress=lambda m: click.echo(f"bench: {m}", err=True))
     click.echo(json.dumps(r) if as_json else format_bench(r, tg))

@@ -34,14 +34,41 @@ def bench_image(size: int = 448):
     return img
 
 
-def run_bench(engine, image=None, runs: int = 3, pp=(64, 512), tg: int = 128, seed: int = 0, progress=None) -> dict:
+def run_bench(engine, image=None, runs: int = 3, pp=(64, 512), tg: int = 128, seed: int = 0, progress=None,
+              llm_only: bool = False) -> dict:
+    """The figures as a dict; ``llm_only`` skips the vision graph (never loaded), so the peak RSS
+    is the language model's alone."""
     say = progress or (lambda msg: None)
     image = image if image is not None else bench_image()
     engine._apply_threads()
     phi = engine.phi
-    key = image_key(image, engine.vision_id)
-    out: dict = {"bundle": engine.bundle, "threads": torch.get_num_threads()}
+    out: dict = {"bundle": engine.bundle, "threads": torch.get_num_threads(), "llm_only": llm_only}
+    if not llm_only:
+        _bench_vision(engine, image, runs, out, say)
+    _bench_llm(engine, runs, pp, tg, seed, out, say)
+    wb = engine.weight_bytes
+    q = engine.manifest["quantization"]
+    out.update({
+        "bits_per_weight": q["bits_per_weight"],
+        "llm_weight_bytes": wb,
+        "achieved_gb_s": wb * out[f"tg{tg}_tok_s"]["mean"] / 1e9,
+        "peak_rss_mb": peak_rss_mb(),
+        "kernels": kernels_in_use(int(q["bits"])),
+        "vision": engine.manifest["vision"]["precision"],
+    })
+    return out
 
+
+def kernels_in_use(bits: int) -> str:
+    from tinyv.kernels import native
+
+    if bits == 16:
+        return "torch (16-bit bundle: fp16 weights, no quantized kernels)"
+    return native.describe()
+
+
+def _bench_vision(engine, image, runs, out, say):
+    key = image_key(image, engine.vision_id)
     say("vision")
     engine.encode_image(image, use_cache=False)  # warm-up
     uncached, cached = [], []
@@ -66,6 +93,9 @@ def run_bench(engine, image=None, runs: int = 3, pp=(64, 512), tg: int = 128, se
         ttft_warm.append(last.timings["ttft_ms"])
     out["ttft_ms"] = {"image_uncached": _stats(ttft_cold), "image_cached": _stats(ttft_warm)}
 
+
+def _bench_llm(engine, runs, pp, tg, seed, out, say):
+    phi = engine.phi
     gen = torch.Generator().manual_seed(seed)
     vocab = engine.tokenizer.size
 
@@ -95,18 +125,6 @@ def run_bench(engine, image=None, runs: int = 3, pp=(64, 512), tg: int = 128, se
         rates.append(tg / (time.perf_counter() - t))
     out[f"tg{tg}_tok_s"] = _stats(rates)
 
-    wb = engine.weight_bytes
-    q = engine.manifest["quantization"]
-    out.update({
-        "bits_per_weight": q["bits_per_weight"],
-        "llm_weight_bytes": wb,
-        "achieved_gb_s": wb * out[f"tg{tg}_tok_s"]["mean"] / 1e9,
-        "peak_rss_mb": peak_rss_mb(),
-        "kernels": "torch reference (dequantize rows + matmul)",
-        "vision": engine.manifest["vision"]["precision"],
-    })
-    return out
-
 
 def format_bench(r: dict, tg: int = 128) -> str:
     def ms(s):
@@ -115,12 +133,15 @@ def format_bench(r: dict, tg: int = 128) -> str:
     lines = [
         f"bundle {r['bundle']}  ({r['bits_per_weight']:.2f} bits/weight, vision {r['vision']}, {r['threads']} threads)",
         f"kernels: {r['kernels']}",
-        f"image encode   uncached {ms(r['image_encode_ms']['uncached'])} ms   cached {ms(r['image_encode_ms']['cached'])} ms",
-        f"TTFT           image uncached {ms(r['ttft_ms']['image_uncached'])} ms   cached {ms(r['ttft_ms']['image_cached'])} ms",
     ]
+    if not r.get("llm_only"):
+        lines += [
+            f"image encode   uncached {ms(r['image_encode_ms']['uncached'])} ms   cached {ms(r['image_encode_ms']['cached'])} ms",
+            f"TTFT           image uncached {ms(r['ttft_ms']['image_uncached'])} ms   cached {ms(r['ttft_ms']['image_cached'])} ms",
+        ]
     for k in sorted(k for k in r if k.startswith("pp")):
         lines.append(f"{k[:-6]:<14} {ms(r[k])} tok/s")
     lines.append(f"tg{tg:<12} {ms(r[f'tg{tg}_tok_s'])} tok/s   ({r['achieved_gb_s']:.2f} GB/s of "
                  f"{r['llm_weight_bytes'] / 1e6:.1f} MB weights per token)")
-    lines.append(f"peak RSS       {r['peak_rss_mb']:.0f} MB")
+    lines.append(f"peak RSS       {r['peak_rss_mb']:.0f} MB" + ("  (language model alone: vision not loaded)" if r.get("llm_only") else ""))
     return "\n".join(lines)

@@ -37,11 +37,12 @@ _CACHE_DEFAULT = object()
 
 
 class Engine:
-    def __init__(self, bundle: str, manifest: dict, phi, tokenizer: Tokenizer, vision_session, cache: EmbeddingCache,
+    def __init__(self, bundle: str, manifest: dict, phi, tokenizer: Tokenizer, open_vision, cache: EmbeddingCache,
                  threads: int | None = None):
         self.bundle, self.manifest = bundle, manifest
         self.config = TinyGPTVConfig.from_dict(manifest["model"])
-        self.phi, self.tokenizer, self.vision = phi, tokenizer, vision_session
+        self.phi, self.tokenizer = phi, tokenizer
+        self._open_vision, self._vision = open_vision, None
         self.cache, self.threads = cache, threads
         self.quant = QuantConfig.from_dict(manifest["quantization"])
         files = manifest["files"]
@@ -78,10 +79,23 @@ class Engine:
         phi = build_quant_phi(cfg, tensors, QuantConfig.from_dict(manifest["quantization"]))
         tok_info = manifest["tokenizer"]
         tokenizer = Tokenizer.from_file(os.path.join(bundle, tok_info["file"]), tok_info.get("eos_id"))
-        session = open_session(os.path.join(bundle, manifest["vision"]["file"]), threads=vision_threads or threads)
+        vision_path = os.path.join(bundle, manifest["vision"]["file"])
         folder = default_cache_folder() if cache_dir is _CACHE_DEFAULT else cache_dir
         cache = EmbeddingCache(folder, **({"max_bytes": cache_max_bytes} if cache_max_bytes else {}))
-        return cls(bundle, manifest, phi, tokenizer, session, cache, threads)
+        return cls(bundle, manifest, phi, tokenizer, lambda: open_session(vision_path, threads=vision_threads or threads),
+                   cache, threads)
+
+    @property
+    def vision(self):
+        """The ONNX Runtime session of the vision graph, opened on first use: an engine that only
+        meets cached images (or only chats about text) never maps the graph's weights."""
+        if self._vision is None:
+            self._vision = self._open_vision()
+        return self._vision
+
+    @vision.setter
+    def vision(self, session) -> None:
+        self._vision = session
 
     @property
     def weight_bytes(self) -> int:

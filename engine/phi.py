@@ -120,7 +120,9 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(cfg.intermediate, cfg.hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # gelu_new
+        fused = getattr(self.fc1, "forward_gelu", None)  # a quantized fc1 applies it in its kernel
+        h = fused(x) if fused is not None else F.gelu(self.fc1(x), approximate="tanh")  # gelu_new
+        return self.fc2(h)
 
 
 class DecoderLayer(nn.Module):

@@ -1,8 +1,9 @@
 """``QuantLinear``: a drop-in for ``nn.Linear`` over the stored quantized weights.
 
-This is the straightforward torch path (dequantize a block of rows, matmul, next block): exact
-with respect to the stored format and lean on memory. Faster kernels replace ``forward`` later
-without changing what it computes.
+Two paths compute it. The compiled kernels (``kernels/native.py``) quantize the activations to
+int8 per group and run integer dot products straight over the stored weights — what the engine
+uses. The torch path (dequantize a block of rows, matmul, next block) is exact with respect to
+the stored format and is the reference and the fallback when the kernels are not available.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinyv.kernels import native
 from tinyv.kernels.quant import QuantConfig, dequantize, unpack_int4
 
 ROW_BLOCK = 2048  # rows dequantized at a time: bounds the fp32 transient (2048 x 10240 x 4 B = 84 MB)
@@ -32,7 +34,23 @@ class QuantLinear(nn.Module):
             q = unpack_int4(q, self.cfg.group_size)
         return dequantize(q, self.scales[start:end], self.cfg.group_size)
 
+    def native(self) -> bool:
+        """Whether the compiled kernels compute this layer."""
+        return self.cfg.bits != 16 and native.available()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native():
+            return native.qgemm(x, self.qweight, self.scales, self.cfg.bits, self.cfg.group_size, self.bias)
+        return self.reference_forward(x)
+
+    def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
+        """``gelu_tanh(self(x))``, with the GELU in the kernel's epilogue (no extra pass)."""
+        if self.native():
+            return native.qgemm(x, self.qweight, self.scales, self.cfg.bits, self.cfg.group_size, self.bias, gelu=True)
+        return F.gelu(self.reference_forward(x), approximate="tanh")
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The torch path: dequantize ROW_BLOCK rows at a time to fp32 and matmul."""
         if self.out_features <= ROW_BLOCK:
             return F.linear(x, self.weight_rows(0, self.out_features), self.bias)
         outs = []

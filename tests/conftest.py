@@ -31,3 +31,14 @@ def scene_path(scene, tmp_path_factory):
     path = tmp_path_factory.mktemp("img") / "scene.png"
     scene.save(path)
     return str(path)
+
+
+@pytest.fixture
+def torch_kernels(monkeypatch):
+    """The pure-torch Linear path for one test (the compiled kernels are re-read afterwards)."""
+    from tinyv.kernels import native
+
+    monkeypatch.setenv("TINYV_KERNELS", "torch")
+    native.reset()
+    yield
+    native.reset()

@@ -67,8 +67,9 @@ def _phi_cfg(m):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_bundle_llm_is_the_dequantized_model(bundles, tiny_model, scene, bits):
-    """The stored layout round-trips: QuantPhi equals the fp32 model with dequantized weights."""
+def test_bundle_llm_is_the_dequantized_model(bundles, tiny_model, scene, bits, torch_kernels):
+    """The stored layout round-trips: QuantPhi equals the fp32 model with dequantized weights
+    (on the torch path; the kernels' int8 activations are checked in test_kernels.py)."""
     from safetensors.torch import load_file
 
     path, m = bundles[(bits, "fp32" if bits == 4 else "int8")]
