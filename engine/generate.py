@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -36,11 +37,31 @@ def prefill(phi: PhiForCausalLM, embeds: torch.Tensor, cache: KVCache | None, po
     return phi.logits(phi(embeds, pos, cache)[0, -1])
 
 
+@contextmanager
+def decode_threads():
+    """The quantized kernels keep every thread; torch's own (tiny, M = 1) ops run on one, so its
+    spinning OpenMP workers do not take the cores from the kernels' threads."""
+    from tinyv.kernels import native
+
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    prev = native.pin_threads(n)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+        native.pin_threads(prev)
+
+
 @torch.inference_mode()
 def decode_one(phi: PhiForCausalLM, token: int, pos: int, cache: KVCache) -> torch.Tensor:
     """One token at position ``pos`` against the cache; logits [vocab] for the next."""
-    emb = phi.embed(torch.tensor([[token]], dtype=torch.long))
-    return phi.logits(phi(emb, pos, cache)[0, -1])
+    with decode_threads():
+        emb = phi.embed(torch.tensor([[token]], dtype=torch.long))
+        return phi.logits(phi(emb, pos, cache)[0, -1])
 
 
 def stream_tokens(

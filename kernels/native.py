@@ -22,6 +22,7 @@ FLAG_GELU = 1
 
 _lib = None
 _why = ""  # why the native path is off, when it is
+_threads: int | None = None  # kernel threads when pinned; None = torch's intra-op count
 
 
 def _library_path() -> str | None:
@@ -96,6 +97,15 @@ def describe() -> str:
     return f"native {isa()} (cpu offers: {', '.join(cpu_features()) or 'none of avx2/avx512-vnni'})"
 
 
+def pin_threads(n: int | None) -> int | None:
+    """Run the kernels on ``n`` threads whatever torch's count is (None: follow torch); returns
+    the previous setting. Decoding pins it and drops torch to one thread, so torch's OpenMP pool
+    does not spin on the cores the kernels need (tiny M = 1 ops gain nothing from it)."""
+    global _threads
+    prev, _threads = _threads, n
+    return prev
+
+
 def reset() -> None:
     """Forget the loaded library so the next call reads TINYV_KERNELS again (tests)."""
     global _lib, _why
@@ -120,7 +130,7 @@ def qgemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: in
     rc = lib_.tv_qgemm(
         M, N, K, x2.data_ptr(), x2.stride(0), qweight.data_ptr(), scales.data_ptr(), group_size, bits,
         None if bias is None else bias.data_ptr(), y.data_ptr(), N, FLAG_GELU if gelu else 0,
-        threads or torch.get_num_threads(),
+        threads or _threads or torch.get_num_threads(),
     )
     if rc != 0:
         raise ValueError(f"qgemm cannot take M={M} N={N} K={K} bits={bits} group={group_size}")

@@ -107,7 +107,7 @@ inline void cpu_relax() {
 
 struct WorkerArg { Pool* pool; int index; uint64_t seen; };  // seen: the job word when it was created
 
-constexpr auto SPIN = std::chrono::microseconds(100);
+std::atomic<int> g_spin_us{50};  // how long an idle worker spins before it sleeps
 
 void* worker_main(void* p) {
     WorkerArg wa = *(WorkerArg*)p;
@@ -120,7 +120,7 @@ void* worker_main(void* p) {
         uint64_t now;
         while ((now = pool->word.load(std::memory_order_acquire)) == seen) {
             cpu_relax();
-            if (++spins % 256 == 0 && std::chrono::steady_clock::now() - start > SPIN) {
+            if (++spins % 256 == 0 && std::chrono::steady_clock::now() - start > std::chrono::microseconds(g_spin_us.load(std::memory_order_relaxed))) {
                 pthread_mutex_lock(&pool->mu);
                 while ((now = pool->word.load(std::memory_order_acquire)) == seen) pthread_cond_wait(&pool->cv, &pool->mu);
                 pthread_mutex_unlock(&pool->mu);
@@ -493,29 +493,37 @@ TV_AVX2 void q8_block256(const Job& j, int n, int m0) {
 
 // ----- dispatch -------------------------------------------------------------------------------
 
-constexpr int MR = 4;  // activation rows per pass over a weight row
+constexpr int MR = 4;   // activation rows per pass over a weight row (registers)
+constexpr int MB = 4;   // activation rows kept hot in L1 while weight rows stream past
 
 template <int G>
-void rows_simd(const Job& j, int n0, int n1) {
-    for (int n = n0; n < n1; n++) {
-        int m = 0;
-        if (g_isa == ISA_AVX512VNNI) {
-            if (j.bits == 4) {
-                for (; m + MR <= j.M; m += MR) q4_block512<G, MR>(j, n, m);
-                for (; m < j.M; m++) q4_block512<G, 1>(j, n, m);
-            } else {
-                for (; m + MR <= j.M; m += MR) q8_block512<G, MR>(j, n, m);
-                for (; m < j.M; m++) q8_block512<G, 1>(j, n, m);
-            }
+void rows_simd_block(const Job& j, int n, int m, int mend) {
+    if (g_isa == ISA_AVX512VNNI) {
+        if (j.bits == 4) {
+            for (; m + MR <= mend; m += MR) q4_block512<G, MR>(j, n, m);
+            for (; m < mend; m++) q4_block512<G, 1>(j, n, m);
         } else {
-            if (j.bits == 4) {
-                for (; m + MR <= j.M; m += MR) q4_block256<G, MR>(j, n, m);
-                for (; m < j.M; m++) q4_block256<G, 1>(j, n, m);
-            } else {
-                for (; m + MR <= j.M; m += MR) q8_block256<G, MR>(j, n, m);
-                for (; m < j.M; m++) q8_block256<G, 1>(j, n, m);
-            }
+            for (; m + MR <= mend; m += MR) q8_block512<G, MR>(j, n, m);
+            for (; m < mend; m++) q8_block512<G, 1>(j, n, m);
         }
+    } else {
+        if (j.bits == 4) {
+            for (; m + MR <= mend; m += MR) q4_block256<G, MR>(j, n, m);
+            for (; m < mend; m++) q4_block256<G, 1>(j, n, m);
+        } else {
+            for (; m + MR <= mend; m += MR) q8_block256<G, MR>(j, n, m);
+            for (; m < mend; m++) q8_block256<G, 1>(j, n, m);
+        }
+    }
+}
+
+// One call per (weight row, block of activation rows). The activation block is the outer loop so
+// its quantized rows stay in L1 while the weight rows stream past (from L2/L3 once M > MR).
+template <int G>
+void rows_simd(const Job& j, int n0, int n1) {
+    for (int mb = 0; mb < j.M; mb += MB) {
+        const int mend = std::min(j.M, mb + MB);
+        for (int n = n0; n < n1; n++) rows_simd_block<G>(j, n, mb, mend);
     }
 }
 
@@ -554,6 +562,9 @@ void ensure_isa() {
 // C ABI
 
 TV_EXPORT int tv_abi_version(void) { return 1; }
+
+// How long idle pool threads spin for the next job before sleeping (microseconds, 0 = never).
+TV_EXPORT void tv_set_spin_us(int us) { g_spin_us.store(std::max(0, us), std::memory_order_relaxed); }
 
 // Bit set of what the CPU offers: 1 = AVX2 path usable, 2 = AVX-512 VNNI path usable.
 TV_EXPORT int tv_cpu_features(void) {
