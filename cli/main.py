@@ -8,6 +8,7 @@ import sys
 import click
 
 from tinyv._version import __version__
+from tinyv.engine.config import PRESET_NAMES
 
 DEBUG_ENV = "TINYV_DEBUG"
 CHECKPOINT_OPTIONS = ("phi2", "vit", "qformer", "stage")
@@ -45,7 +46,7 @@ def checkpoint_options(f):
         click.option("--stage", help="TinyGPT-V stage checkpoint, e.g. TinyGPT-V_for_Stage4.pth."),
         click.option(
             "--preset",
-            type=click.Choice(["stage4", "stage3", "tiny", "tiny-stage3", "small"]),
+            type=click.Choice(PRESET_NAMES),
             help="Vision/Q-Former architecture of the checkpoints (default: the real TinyGPT-V).",
         ),
         click.option("--image-size", type=click.IntRange(14, 4480), help="Input resolution (448 stage 4, 224 stages 1-3)."),
@@ -71,7 +72,7 @@ def main():  # console-script entry point
 
 
 # commands live one group per module; importing them registers them (they import only click)
-from tinyv.cli import bench, bundle_cmds, cache_cmds, run  # noqa: E402,F401
+from tinyv.cli import bench, bundle_cmds, cache_cmds, eval_cmd, run  # noqa: E402,F401
 
 if __name__ == "__main__":  # python -m tinyv.cli.main: run the registered module, not this copy
     from tinyv.cli.main import main as _main

@@ -8,7 +8,6 @@ import pytest
 from click.testing import CliRunner
 
 from tinyv.cli.main import cli
-from tinyv.engine.default import DEFAULT_NAME
 
 
 @pytest.fixture
@@ -22,14 +21,13 @@ def _ckpt_args(paths):
     return ["--phi2", paths.phi2, "--vit", paths.vit, "--qformer", paths.qformer, "--stage", paths.stage, "--preset", "tiny"]
 
 
-def test_default_model_is_announced_as_random(runner, scene_path, tmp_path):
+def test_default_model_is_the_announced_demo_and_writes_no_model(runner, scene_path, tmp_path):
     r = runner.invoke(cli, ["caption", scene_path, "--max-new-tokens", "4"])
     assert r.exit_code == 0, r.output
-    assert "RANDOM weights" in r.stderr
-    assert os.path.isdir(tmp_path / "cache" / DEFAULT_NAME)
-    leftovers = [n for n in os.listdir(tmp_path / "cache") if n.startswith(".")]
-    assert leftovers == []  # the temp folder was renamed into place
-    r2 = runner.invoke(cli, ["caption", scene_path, "--max-new-tokens", "4"])  # reuses the cache
+    assert "built-in demo model" in r.stderr
+    cache = tmp_path / "cache"
+    assert not cache.exists() or all(n == "embeddings" for n in os.listdir(cache))  # image cache only
+    r2 = runner.invoke(cli, ["caption", scene_path, "--max-new-tokens", "4"])
     assert r2.exit_code == 0 and r2.stdout == r.stdout
 
 
@@ -40,7 +38,7 @@ def test_json_output_matches_the_library(runner, scene_path, tiny_paths, tiny_mo
     assert out["tokens"] == tiny_model.generate(scene_path, None, max_new_tokens=6)
     assert out["finish_reason"] in ("length", "eos", "stop")
     assert {"image_ms", "ttft_ms", "prefill_tok_s", "decode_tok_s", "peak_rss_mb"} <= set(out["timings"])
-    assert r.stderr == ""  # named checkpoints: no random-weights note
+    assert r.stderr == ""  # named checkpoints: no default-model note
 
 
 def test_question_and_raw_prompt_change_the_answer(runner, scene_path, tiny_paths, tiny_model):

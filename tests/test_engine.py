@@ -20,7 +20,7 @@ import tinyv.engine.engine as engine_mod
 from tinyv import TinyVError
 from tinyv.cli.main import cli
 from tinyv.engine.bundle import LLM_FILE
-from tinyv.engine.default import DEFAULT_NAME
+from tinyv.engine.default import DEMO_BUNDLE
 from tinyv.engine.engine import Engine
 from tinyv.engine.generate import prefill
 from tinyv.engine.model import build_prompt_embeds
@@ -508,34 +508,17 @@ def test_stop_string_cuts_the_stream(e16, scene, monkeypatch):
 
 # -- the default model ---------------------------------------------------------------------------
 
-def test_default_model_announced_created_once_and_reused(tmp_path, monkeypatch, scene):
+def test_default_model_is_the_shipped_demo_bundle(tmp_path, scene):
     cache = tmp_path / "tinyv-cache"
     assert os.environ["TINYV_CACHE"] == str(cache)
     notes = []
     e = Engine.load(announce=notes.append)
-    assert len(notes) == 1 and "RANDOM weights" in notes[0]
-    folder = cache / DEFAULT_NAME / "bundle-q4"
-    assert os.path.realpath(e.bundle) == os.path.realpath(folder) and (folder / "manifest.json").is_file()
-    assert e.manifest["quantization"]["bits"] == 4
+    assert len(notes) == 1 and "built-in demo model" in notes[0]
+    assert os.path.realpath(e.bundle) == os.path.realpath(DEMO_BUNDLE)
     assert e.cache.folder.startswith(str(cache))  # the embedding cache lives under TINYV_CACHE too
-    assert [n for n in os.listdir(cache / DEFAULT_NAME) if n.startswith(".")] == []
+    assert not cache.exists()  # loading wrote nothing: the model is read in place
     tokens = _run(e, scene, max_new_tokens=4)[0]
-    stamp = {p: os.stat(folder / p).st_mtime_ns for p in os.listdir(folder)}
-
-    def no_export(*a, **k):
-        raise AssertionError("the default bundle was exported again")
-
-    import tinyv.export.bundle
-    import tinyv.testing
-
-    monkeypatch.setattr(tinyv.export.bundle, "export_bundle", no_export)
-    monkeypatch.setattr(tinyv.testing, "write_checkpoints", no_export)
-    notes2 = []
-    e2 = Engine.load(announce=notes2.append)
-    assert notes2 == notes and e2.bundle == e.bundle
-    assert {p: os.stat(folder / p).st_mtime_ns for p in os.listdir(folder)} == stamp
-    assert _run(e2, scene, max_new_tokens=4)[0] == tokens
-    Engine.load(cache_dir=None)  # announce is optional
+    assert _run(Engine.load(cache_dir=None), scene, max_new_tokens=4)[0] == tokens  # announce is optional
 
 
 # -- bench ---------------------------------------------------------------------------------------
@@ -575,7 +558,7 @@ def test_cli_caption_json_equals_engine(runner, b4, e4, scene_path):
     tokens, text, last = _run(e4, scene_path)
     assert out["tokens"] == tokens and out["text"] == text.strip() and out["finish_reason"] == last.finish_reason
     assert out["image"] == scene_path and out["timings"]["prompt_tokens"] == last.timings["prompt_tokens"]
-    assert "RANDOM" not in r.stderr  # a bundle was named
+    assert "built-in demo model" not in r.stderr  # a bundle was named
 
 
 def test_cli_caption_folder_with_a_corrupt_image(runner, b4, e4, scene, other_image, tmp_path):

@@ -1,0 +1,138 @@
+"""Accuracy of a model on held-out generated scenes (``tinyv eval``).
+
+For each scene: the caption against the reference caption (exact match and token F1) and every
+question against its answer, by question type. Works on a bundle (the engine that users run) and
+on the fp32 torch model built from checkpoint files (the reference), through one small interface:
+``open_bundle(path)`` / ``open_checkpoints(...)`` return a ``Model`` whose ``session(image)``
+answers ``caption()`` and ``ask(question)`` greedily, the image encoded once per scene.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+from tinyv.demo.scenes import QUESTION_TYPES, make_scenes
+
+HELD_OUT_SEED = 1  # training draws its scenes from --seed (0 for the shipped model)
+DEFAULT_IMAGES = 500
+MAX_NEW_TOKENS = 40  # the longest reference caption is 27 tokens
+
+
+@dataclass
+class Model:
+    """A named model: ``session(image)`` -> an object with ``caption()`` and ``ask(question)``."""
+
+    label: str
+    session: Callable
+
+
+def open_bundle(path: str | None = None, threads: int | None = None) -> Model:
+    """A bundle through ``tinyv.Engine`` (``None``: the shipped demo bundle); no disk cache."""
+    from tinyv.engine.engine import Engine
+
+    engine = Engine.load(path, threads=threads, cache_dir=None)
+    q, v = engine.manifest["quantization"], engine.manifest["vision"]["precision"]
+    name = "built-in demo bundle" if path is None else path
+    return Model(f"{name} ({q['bits']}-bit g{q['group_size']}, vision {v})", lambda image: _EngineSession(engine, image))
+
+
+def open_checkpoints(phi2, vit, qformer, stage, preset: str = "demo", image_size: int | None = None) -> Model:
+    """The fp32 torch reference built from the four checkpoint files."""
+    from tinyv.engine.model import TinyGPTV
+
+    model = TinyGPTV.from_checkpoints(phi2=phi2, vit=vit, qformer=qformer, stage=stage, image_size=image_size,
+                                      preset=preset)
+    return Model("fp32 torch (checkpoints)", lambda image: _TorchSession(model, image))
+
+
+class _EngineSession:
+    def __init__(self, engine, image):
+        self.session = engine.session(image)
+
+    def caption(self) -> str:
+        return self.session.caption(max_new_tokens=MAX_NEW_TOKENS)
+
+    def ask(self, question: str) -> str:
+        return self.session.ask(question, max_new_tokens=MAX_NEW_TOKENS)
+
+
+class _TorchSession:
+    def __init__(self, model, image):
+        self.model = model
+        self.embeds = model.encode_image(image)
+
+    def _answer(self, question: str | None, task: str) -> str:
+        from tinyv.engine.prompts import build_prompt
+
+        prompt = build_prompt(self.model.config.stage, question, task=task)
+        steps = self.model.stream(self.embeds, prompt, max_new_tokens=MAX_NEW_TOKENS)
+        return "".join(s.text for s in steps).strip()
+
+    def caption(self) -> str:
+        return self._answer(None, "caption")
+
+    def ask(self, question: str) -> str:
+        return self._answer(question, "vqa")
+
+
+def normalize(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD-style F1 of the two texts' word multisets."""
+    p, r = normalize(prediction).split(), normalize(reference).split()
+    common = sum((Counter(p) & Counter(r)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def evaluate(model: Model, images: int = DEFAULT_IMAGES, seed: int = HELD_OUT_SEED, progress=None) -> dict:
+    """Scores of ``model`` on ``images`` scenes drawn from ``seed`` (fractions in [0, 1]).
+
+    ``progress(done, total)`` is called after each scene.
+    """
+    t0 = time.perf_counter()
+    exact = f1 = 0.0
+    right, asked = Counter(), Counter()
+    failures = []
+    scenes = make_scenes(images, seed)
+    for n, scene in enumerate(scenes, 1):
+        session = model.session(scene.render())
+        text, ref = session.caption(), scene.caption()
+        exact += normalize(text) == normalize(ref)
+        f1 += token_f1(text, ref)
+        if normalize(text) != normalize(ref) and len(failures) < 5:
+            failures.append({"reference": ref, "caption": text})
+        for qa in scene.questions():
+            asked[qa.type] += 1
+            right[qa.type] += normalize(session.ask(qa.question)) == normalize(qa.answer)
+        if progress:
+            progress(n, len(scenes))
+    return {
+        "model": model.label,
+        "images": len(scenes),
+        "seed": seed,
+        "caption_exact": exact / len(scenes),
+        "caption_token_f1": f1 / len(scenes),
+        "vqa": sum(right.values()) / max(1, sum(asked.values())),
+        "vqa_by_type": {t: right[t] / asked[t] for t in QUESTION_TYPES if asked[t]},
+        "questions": sum(asked.values()),
+        "caption_failures": failures,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def format_table(results: list[dict]) -> str:
+    """A Markdown table, one row per model, percentages."""
+    cols = ["caption EM", "token F1", "VQA"] + [f"VQA {t}" for t in QUESTION_TYPES]
+    lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for r in results:
+        figures = [r["caption_exact"], r["caption_token_f1"], r["vqa"]] + [r["vqa_by_type"].get(t) for t in QUESTION_TYPES]
+        cells = ["—" if x is None else f"{100 * x:.1f}" for x in figures]
+        lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
