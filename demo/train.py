@@ -1,6 +1,6 @@
 """Train the built-in demo model on generated scenes and write its checkpoints in the real formats.
 
-    python -m tinyv.demo.train --out /tmp/tinyv-demo --seed 0 --minutes 24   # the shipped model
+    python -m tinyv.demo.train --out /tmp/tinyv-demo --seed 0 --minutes 20   # the shipped model (1500 steps)
     tinyv export --preset demo --bits 8 -o bundle --phi2 OUT/phi-2 --vit OUT/eva_vit_g.pth \\
         --qformer OUT/blip2_pretrained_flant5xxl.pth --stage OUT/TinyGPT-V_for_Stage4.pth
 
@@ -9,6 +9,14 @@ for a caption or a VQA question, split at ``<ImageHere>``, each text part tokeni
 (no BOS), the image's query embeddings between them. The loss is on the answer tokens and the
 stop string ``###`` that follows them, which is where the runtime cuts the answer. Each image in a
 batch is encoded once and serves one caption and several questions.
+
+The vision side starts from random weights, and through the LLM's loss alone it gets no useful
+gradient (a blind vision side gives the LLM nothing to attend to, so the LLM never learns to attend
+to it). The real TinyGPT-V starts from a pre-trained ViT and Q-Former; here an auxiliary loss
+pre-trains them on the scenes while the LLM trains: linear heads read every grid cell's colour, kind
+and size from the ViT token of that cell, and every slot's colour, kind and size and the shape count
+from the Q-Former's query outputs (``VisionProbe``; weight ``--aux-weight``, 0 turns it off). The
+heads exist only during training: they are not part of ``TinyGPTV`` and no checkpoint file holds them.
 
 Reproducible: the seed fixes the tokenizer, the initial weights and every generated scene; with
 a fixed ``--steps`` the same seed gives the same model on the same torch build. ``--minutes`` caps
@@ -28,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from tinyv.demo.checkpoints import build_training_model, write_checkpoints
-from tinyv.demo.scenes import make_scene
+from tinyv.demo.scenes import COLOURS, KINDS, SIZES, SLOTS, Scene, make_scene
 from tinyv.demo.tokenizer import answer_text, save_tokenizer, train_tokenizer, training_corpus
 from tinyv.engine import prompts
 from tinyv.engine.config import TinyGPTVConfig, preset
@@ -38,6 +46,10 @@ from tinyv.engine.tokenizer import Tokenizer
 QUESTIONS_PER_IMAGE = 2  # plus one caption per image: captions carry the most signal
 WARMUP_STEPS = 100
 TIMING_STEPS = 20  # steps measured before planning the rest when --minutes is given
+GRID = 3  # the scenes' 3x3 grid: one demo ViT patch per cell
+# per-cell attribute classes, index 0 meaning "no shape there"
+ATTRIBUTES = {"colour": ("",) + tuple(COLOURS), "kind": ("",) + KINDS, "size": ("",) + tuple(SIZES)}
+MAX_SHAPES = 3
 
 
 class PromptBuilder:
@@ -62,22 +74,78 @@ class PromptBuilder:
         return self.after(question, task), self.tok.encode(answer_text(answer))
 
 
+def scene_labels(scene: Scene) -> dict[str, torch.Tensor]:
+    """Targets of the auxiliary vision loss: per grid cell (row-major, 9) each attribute's class, and the count."""
+    cells = {name: [0] * GRID * GRID for name in ATTRIBUTES}
+    for shape in scene.shapes:
+        col, row = SLOTS[shape.slot]
+        for name, classes in ATTRIBUTES.items():
+            cells[name][row * GRID + col] = classes.index(getattr(shape, name))
+    labels = {name: torch.tensor(v) for name, v in cells.items()}
+    labels["count"] = torch.tensor(len(scene.shapes))
+    return labels
+
+
 def make_batch(rng: random.Random, builder: PromptBuilder, images: int, size: int):
-    """``images`` new scenes: pixels [B, 3, S, S], and per sequence (image index, after ids, answer ids)."""
-    pixels, seqs = [], []
+    """``images`` new scenes: pixels [B, 3, S, S], per sequence (image index, after ids, answer ids), and
+    the scenes' labels for the auxiliary vision loss (``scene_labels`` stacked over the batch)."""
+    pixels, seqs, labels = [], [], []
     for i in range(images):
         scene = make_scene(rng)
         pixels.append(preprocess(scene.render(size), size))
+        labels.append(scene_labels(scene))
         seqs.append((i, *builder.example(None, "caption", scene.caption())))
         for qa in rng.sample(scene.questions(), QUESTIONS_PER_IMAGE):
             seqs.append((i, *builder.example(qa.question, "vqa", qa.answer)))
-    return torch.cat(pixels), seqs
+    return torch.cat(pixels), seqs, {k: torch.stack([x[k] for x in labels]) for k in labels[0]}
 
 
-def encode_images(model, pixels: torch.Tensor) -> torch.Tensor:
-    """``TinyGPTV.encode_pixels`` with gradients: [B, Q, phi.hidden]."""
-    tokens = model.ln_vision(model.visual(pixels))
-    return model.llama_proj2(model.llama_proj(model.qformer(tokens)))
+class VisionProbe(torch.nn.Module):
+    """Training-only linear heads that pre-train the vision side on the scenes' attributes.
+
+    ``vit``: one head shared by the ViT's patch tokens, each predicting its own grid cell's colour,
+    kind and size (0: empty). ``qformer``: one head on the concatenated query outputs predicting
+    every cell's attributes and the shape count, so the queries must carry what the LLM needs.
+    Not part of ``TinyGPTV``: ``write_checkpoints`` never sees these weights.
+    """
+
+    def __init__(self, cfg: TinyGPTVConfig):
+        super().__init__()
+        self.sizes = [len(c) for c in ATTRIBUTES.values()]
+        per_cell = sum(self.sizes)
+        self.vit = torch.nn.Linear(cfg.vision.width, per_cell)
+        self.qformer = torch.nn.Linear(cfg.qformer.num_queries * cfg.qformer.hidden,
+                                       GRID * GRID * per_cell + MAX_SHAPES + 1)
+
+    def _cells_loss(self, logits: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean cross-entropy of per-cell logits [B, 9, per_cell] against every attribute."""
+        parts = logits.split(self.sizes, dim=-1)
+        return sum(F.cross_entropy(part.flatten(0, 1), labels[name].flatten())
+                   for part, name in zip(parts, ATTRIBUTES)) / len(ATTRIBUTES)
+
+    def forward(self, vit_tokens: torch.Tensor, queries: torch.Tensor, labels: dict[str, torch.Tensor]):
+        """(ViT-head loss, Q-Former-head loss); ``vit_tokens`` [B, 1 + g*g, W] (CLS first), ``queries`` [B, Q, H].
+
+        The patch tokens are average-pooled to the 3x3 grid of cells: the identity for the demo
+        preset (28 px patches, one per cell), a pooling for other presets used in tests.
+        """
+        patches = vit_tokens[:, 1:]
+        g = math.isqrt(patches.shape[1])
+        cells = F.adaptive_avg_pool2d(patches.transpose(1, 2).unflatten(2, (g, g)), GRID).flatten(2).transpose(1, 2)
+        vit_loss = self._cells_loss(self.vit(cells), labels)
+        out = self.qformer(queries.flatten(1))
+        cells = out[:, :-(MAX_SHAPES + 1)].unflatten(1, (GRID * GRID, -1))
+        q_loss = (self._cells_loss(cells, labels) + F.cross_entropy(out[:, -(MAX_SHAPES + 1):], labels["count"])) / 2
+        return vit_loss, q_loss
+
+
+def encode_images(model, pixels: torch.Tensor, intermediates: bool = False):
+    """``TinyGPTV.encode_pixels`` with gradients: [B, Q, phi.hidden]; with ``intermediates``, also the
+    ViT tokens and the Q-Former outputs (for the auxiliary loss)."""
+    vit_tokens = model.visual(pixels)
+    queries = model.qformer(model.ln_vision(vit_tokens))
+    embeds = model.llama_proj2(model.llama_proj(queries))
+    return (embeds, vit_tokens, queries) if intermediates else embeds
 
 
 def sequence_loss(model, before: list[int], image_embeds: torch.Tensor, seqs) -> torch.Tensor:
@@ -109,26 +177,39 @@ def lr_at(step: int, total: int, peak: float) -> float:
 
 
 def train(cfg: TinyGPTVConfig, tokenizer: Tokenizer, *, steps: int, seed: int, images_per_step: int = 16,
-          lr: float = 2e-3, minutes: float | None = None, log=print):
-    """Train a fresh model; returns it (LoRA still separate) and a summary dict."""
+          lr: float = 2e-3, minutes: float | None = None, aux_weight: float = 1.0, log=print):
+    """Train a fresh model; returns it (LoRA still separate) and a summary dict.
+
+    The loss is the answer tokens' cross-entropy plus ``aux_weight`` times the ``VisionProbe``
+    losses (ViT and Q-Former heads); the logged ``loss`` is the answer tokens' alone.
+    """
     model = build_training_model(cfg, seed)
     model.train()
+    probe = VisionProbe(cfg) if aux_weight > 0 else None
     builder = PromptBuilder(tokenizer, cfg.stage)
     params = [p for p in model.parameters() if p.requires_grad]
+    params += list(probe.parameters()) if probe is not None else []
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.98))
     rng = random.Random(seed)
-    total, t0, smooth = steps, time.perf_counter(), None
+    total, t0, smooth, smooth_aux = steps, time.perf_counter(), None, None
     step = 0
     while step < total:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total, lr)
-        pixels, seqs = make_batch(rng, builder, images_per_step, cfg.image_size)
-        loss = sequence_loss(model, builder.before, encode_images(model, pixels), seqs)
+        pixels, seqs, labels = make_batch(rng, builder, images_per_step, cfg.image_size)
+        embeds, vit_tokens, queries = encode_images(model, pixels, intermediates=True)
+        loss = sequence_loss(model, builder.before, embeds, seqs)
+        objective = loss
+        if probe is not None:
+            vit_loss, q_loss = probe(vit_tokens, queries, labels)
+            objective = loss + aux_weight * (vit_loss + q_loss)
+            aux = (vit_loss.item(), q_loss.item())
+            smooth_aux = aux if smooth_aux is None else tuple(0.95 * a + 0.05 * b for a, b in zip(smooth_aux, aux))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
@@ -138,11 +219,13 @@ def train(cfg: TinyGPTVConfig, tokenizer: Tokenizer, *, steps: int, seed: int, i
             total = min(steps, max(step, int(minutes * 60 / per_step)))
             log(f"{per_step:.2f} s/step: planning {total} steps for {minutes:g} min")
         if step % 50 == 0 or step == total:
-            log(f"step {step}/{total} loss {smooth:.4f} lr {lr_at(step - 1, total, lr):.2e} "
+            aux_text = "" if smooth_aux is None else f" aux vit {smooth_aux[0]:.4f} qformer {smooth_aux[1]:.4f}"
+            log(f"step {step}/{total} loss {smooth:.4f}{aux_text} lr {lr_at(step - 1, total, lr):.2e} "
                 f"{time.perf_counter() - t0:.0f} s")
     model.eval()
     return model, {"steps": total, "seconds": time.perf_counter() - t0, "final_loss": smooth,
-                   "images": total * images_per_step}
+                   "images": total * images_per_step, "aux_weight": aux_weight,
+                   "final_aux_loss": None if smooth_aux is None else {"vit": smooth_aux[0], "qformer": smooth_aux[1]}}
 
 
 def check_round_trip(model, paths, cfg: TinyGPTVConfig, tokenizer: Tokenizer) -> float:
@@ -170,6 +253,8 @@ def main(argv=None) -> int:
     p.add_argument("--images-per-step", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--preset", default="demo", help="Model configuration (default %(default)s).")
+    p.add_argument("--aux-weight", type=float, default=1.0,
+                   help="Weight of the training-only vision loss on the scenes' attributes (0: off; default %(default)s).")
     # one thread: on a shared 2-core machine a second one waits on a busy core (measured 7x slower)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -184,7 +269,7 @@ def main(argv=None) -> int:
     n_params = sum(p.numel() for p in build_training_model(cfg, args.seed).parameters())
     print(f"preset {args.preset}: {n_params / 1e6:.2f} M parameters (LoRA included); tokenizer {tokenizer.size} entries")
     model, summary = train(cfg, tokenizer, steps=args.steps, seed=args.seed, images_per_step=args.images_per_step,
-                           lr=args.lr, minutes=args.minutes)
+                           lr=args.lr, minutes=args.minutes, aux_weight=args.aux_weight)
     paths = write_checkpoints(model, tok_dir, os.path.join(args.out, "checkpoints"))
     err = check_round_trip(model, paths, cfg, tokenizer)
     summary.update(seed=args.seed, preset=args.preset, images_per_step=args.images_per_step, lr=args.lr,

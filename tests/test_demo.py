@@ -13,11 +13,11 @@ from tinyv.demo.evaluate import evaluate, open_bundle, token_f1
 from tinyv.engine.default import DEMO_BUNDLE
 
 EXAMPLES_DIR = os.path.join(os.path.dirname(__file__), "..", "examples")
-# The shipped model is not yet good: trained from scratch, its vision side stayed nearly blind, so it
-# writes well-formed captions from the language prior (README, "The built-in demo model"). Measured
-# on these 50 scenes: caption EM 0 %, token F1 41 %, VQA 40 %. The floors catch a broken pipeline
-# (a bundle that no longer loads or decodes gives ~0).
-F1_FLOOR, VQA_FLOOR = 0.35, 0.30
+# The shipped model reads its images, but not yet well enough (README, "The built-in demo model"):
+# measured on these 50 scenes, caption EM 0 %, token F1 75 %, VQA 66 % (colour 62, count 80, exist
+# 79, position 16). A model that ignores its image scores token F1 ~41 %, VQA ~40 %, so the floors
+# catch both a broken pipeline (~0) and a shipped model that no longer reads the picture.
+F1_FLOOR, VQA_FLOOR = 0.70, 0.60
 CAPTION_WORDS = (set(sc.COLOURS) | set(sc.KINDS) | set(sc.SIZES) | {w for p in sc.WHERE.values() for w in p.split()}
                  | {"a", "left", "of", "above", "and"})
 
@@ -111,7 +111,11 @@ def test_shipped_tokenizer_covers_the_generated_text():
 
 
 def test_training_loop_and_checkpoints_round_trip(tmp_path):
-    """A few steps on a micro model: LoRA is non-zero, and the real loaders read the files back exactly."""
+    """A few steps on a micro model: LoRA is non-zero, and the real loaders read the files back exactly.
+
+    The auxiliary vision heads train alongside but are not in the files: the strict loaders would
+    reject an unknown key, and the round trip reproduces the model without them.
+    """
     import dataclasses
 
     from tinyv.demo.tokenizer import save_tokenizer, train_tokenizer, training_corpus
@@ -126,6 +130,7 @@ def test_training_loop_and_checkpoints_round_trip(tmp_path):
     tok = Tokenizer.from_dir(str(tmp_path / "tok"))
     model, summary = train(cfg, tok, steps=6, seed=0, images_per_step=2, log=lambda msg: None)
     assert summary["steps"] == 6 and 0 < summary["final_loss"] < 10
+    assert summary["aux_weight"] > 0 and all(0 <= v < 10 for v in summary["final_aux_loss"].values())
     paths = write_checkpoints(model, str(tmp_path / "tok"), str(tmp_path / "ckpt"))
     stage = torch.load(paths.stage, weights_only=True)["model"]
     lora_b = [v for k, v in stage.items() if k.endswith("lora_B.weight")]
@@ -176,7 +181,7 @@ def test_cli_caption_example_without_options_speaks_the_scene_language():
     assert "built-in demo model" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped demo model does not yet read the image (README)")
+@pytest.mark.xfail(strict=True, reason="the shipped demo model does not yet read positions reliably (README)")
 @pytest.mark.parametrize("name", ["red_circle_blue_square", "three_shapes"])
 def test_cli_caption_example_gives_the_reference_caption(name):
     r = _caption_example(name)
