@@ -42,6 +42,7 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--bundles", default=None, help="bundle folder prefix (default: <dir>-bundle)")
     args = ap.parse_args()
     folder = args.dir or f"/tmp/tinyv-ckpt-{args.preset}"
     result = {"preset": args.preset, "checkpoints": folder}
@@ -56,7 +57,7 @@ def main():
           "--preset", args.preset]
     tinyv = [sys.executable, "-m", "tinyv.cli.main"]
     for bits in args.bits:
-        out = f"{folder}-bundle-q{bits}-{args.vision}"
+        out = f"{args.bundles or folder + '-bundle'}-q{bits}-{args.vision}"
         summary, seconds, rss = run(tinyv + ["export", "--bits", str(bits), "--vision", args.vision, "-o", out,
                                              "--force", "--json"] + ck)
         entry = {"export": {**summary, "wall_s": round(seconds, 1), "peak_rss_mb": round(rss)}}

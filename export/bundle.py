@@ -6,12 +6,16 @@ against torch), quantize (Phi-2 streamed tensor by tensor, LoRA merged, per-laye
 
 Everything is written into a temporary folder beside the target and renamed at the end: an error,
 a full disk or Ctrl-C leaves neither a half bundle nor stray temp files.
+
+Memory (full size: Phi-2 2.8 B, ViT-g 1 B): each stage frees what the next does not need, so the
+peak is the vision stage (the fp32 torch vision model beside its ONNX export, ~7 GB); the LLM
+stages hold the quantized tensors plus one weight at a time. ``export_memory`` in the returned
+dict gives the RSS at the end of each stage and the peak so far.
 """
 from __future__ import annotations
 
 import datetime
 import errno
-import gc
 import json
 import math
 import os
@@ -29,7 +33,8 @@ from tinyv.engine.errors import TinyVError
 from tinyv.engine.image import preprocess
 from tinyv.engine.llm import LAYER_LINEARS, build_quant_phi, linear_names
 from tinyv.engine.model import build_prompt_embeds
-from tinyv.kernels.quant import QuantConfig, dequantize_weight, quantize_weight, sqnr_db
+from tinyv.export.memory import StageMemory, release_memory
+from tinyv.kernels.quant import QuantConfig, dequantize_weight, quantize_weight
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -53,6 +58,9 @@ def _hash_sources(ck, progress: Progress) -> dict:
     return out
 
 
+BLOCK_ELEMS = 1 << 22  # weights quantized this many at a time; lm_head whole cost ~5 GB of temporaries
+
+
 def quantize_llm(weights, cfg, qcfg: QuantConfig, progress: Progress = _quiet):
     """Bundle tensors of the LLM and the SQNR (dB) of every quantized Linear, streamed."""
     linears = set(linear_names(cfg.phi))
@@ -63,17 +71,44 @@ def quantize_llm(weights, cfg, qcfg: QuantConfig, progress: Progress = _quiet):
         t = weights.get(target)
         if name.endswith(".weight") and name[: -len(".weight")] in linears:
             lin = name[: -len(".weight")]
-            w = t.float()
-            stored = quantize_weight(w, qcfg)
-            sqnr[lin] = sqnr_db(w, dequantize_weight(stored, qcfg))
+            stored, sqnr[lin] = quantize_rows(t, qcfg)
             tensors.update({f"{lin}.{k}": v for k, v in stored.items()})
-            del w
         elif name == "embed_tokens.weight":
-            tensors[name] = t.to(torch.float16).contiguous()
+            tensors[name] = t.to(torch.float16, copy=True).contiguous()  # a copy: no view pins the source file
         else:
             tensors[name] = t.float().contiguous().clone()
+        del t
         progress("quantize", n, len(weights.targets))
     return tensors, sqnr
+
+
+def quantize_rows(w: torch.Tensor, qcfg: QuantConfig) -> tuple[dict[str, torch.Tensor], float]:
+    """``quantize_weight(w)`` and its ``sqnr_db``, a block of rows (``BLOCK_ELEMS`` weights) at a time.
+
+    Rows are quantized independently, so the stored tensors are those of the whole weight; the
+    SQNR's two sums are accumulated in float64 over the blocks, as ``sqnr_db`` sums them.
+    """
+    parts: dict[str, list[torch.Tensor]] = {}
+    signal = noise = 0.0
+    for rows in w.split(max(1, BLOCK_ELEMS // w.shape[1])):
+        ref = rows.float()
+        stored = quantize_weight(ref, qcfg)
+        err = ref.double() - dequantize_weight(stored, qcfg).double()
+        noise += err.pow(2).sum().item()
+        signal += ref.double().pow(2).sum().item()
+        for k, v in stored.items():
+            parts.setdefault(k, []).append(v)
+        del ref, stored, err
+    return {k: torch.cat(v).contiguous() for k, v in parts.items()}, _sqnr_from_sums(signal, noise)
+
+
+def _sqnr_from_sums(signal: float, noise: float) -> float:
+    """``sqnr_db``'s result from its two sums (inf when identical)."""
+    if noise == 0:
+        return float("inf")
+    if signal == 0:
+        return float("-inf")
+    return 10.0 * math.log10(signal / noise)
 
 
 def _sqnr_summary(sqnr: dict[str, float]) -> dict:
@@ -122,14 +157,14 @@ def export_bundle(
     force: bool = False,
     progress: Progress = _quiet,
 ) -> dict:
-    """Export a bundle to ``out``; returns its manifest. Raises TinyVError on bad input or a failed gate."""
+    """Export a bundle to ``out``; returns its manifest, plus ``export_memory`` (RSS at the end of each
+    stage and the peak so far, in MB; not written to the bundle). Raises TinyVError on bad input or a
+    failed gate."""
     from tinyv.export.loaders import PhiWeights, build_model, open_checkpoints
     from tinyv.export.quality import StreamedPhi, compare_greedy
     from tinyv.export.vision import export_vision, probe_images
 
     qcfg = QuantConfig(bits, group_size)
-    if vision not in VISION_PRECISIONS:
-        raise TinyVError(f"--vision must be one of {', '.join(VISION_PRECISIONS)}, got {vision!r}")
     if vision not in VISION_PRECISIONS:
         raise TinyVError(f"--vision must be one of {', '.join(VISION_PRECISIONS)}, got {vision!r}")
     out = os.path.abspath(os.fspath(out))
@@ -142,6 +177,7 @@ def export_bundle(
     tmp = tempfile.mkdtemp(prefix=".tinyv-export-", dir=parent)
     t_start = time.perf_counter()
     timings = {}
+    memory = StageMemory()
     try:
         t = time.perf_counter()
         progress("load", 0, 1)
@@ -155,8 +191,11 @@ def export_bundle(
         progress("load", 1, 1)
         sources = _hash_sources(ck, progress)
         timings["load_s"] = time.perf_counter() - t
+        memory.mark("load")
 
-        # vision: fp32 torch side only (Phi-2 stays on meta), exported, then freed
+        # vision: fp32 torch side only (Phi-2 stays on meta), exported, then freed; the probe's
+        # embeddings from the torch model and from the bundle's graph are kept for verify, which
+        # then runs no vision (torch or ONNX Runtime) beside the quantized LLM
         t = time.perf_counter()
         progress("vision export", 0, 1)
         model = build_model(ck, with_phi=False)
@@ -165,9 +204,12 @@ def export_bundle(
         ref_image = model.encode_pixels(pixels)
         vinfo = export_vision(model, tmp, precision=vision, progress=lambda msg: progress(f"vision: {msg}", 0, 1))
         del model
-        gc.collect()
+        release_memory()
+        q_image = torch.from_numpy(_run_vision(os.path.join(tmp, vinfo["file"]), vinfo, pixels))
+        release_memory()
         progress("vision export", 1, 1)
         timings["vision_s"] = time.perf_counter() - t
+        memory.mark("vision")
 
         # LLM: streamed, quantized tensor by tensor
         t = time.perf_counter()
@@ -182,12 +224,13 @@ def export_bundle(
         from safetensors.torch import save_file
 
         save_file(tensors, os.path.join(tmp, LLM_FILE), metadata={"format": "pt", "tinyv": "llm"})
+        release_memory()
         timings["quantize_s"] = time.perf_counter() - t
+        memory.mark("quantize")
 
         # verify: quantized LLM + bundle's vision graph vs fp32 torch, streamed
         t = time.perf_counter()
         progress("verify", 0, 2)
-        q_image = torch.from_numpy(_run_vision(os.path.join(tmp, vinfo["file"]), vinfo, pixels))
         quant = build_quant_phi(cfg.phi, tensors, qcfg)
         ref = StreamedPhi(cfg.phi, weights)
         prompt = prompts.build_prompt(cfg.stage)
@@ -197,9 +240,11 @@ def export_bundle(
             build_prompt_embeds(quant, ck.tokenizer, prompt, q_image),
             steps=steps,
         )
-        del ref, quant
+        del ref, quant, weights, tensors
+        release_memory()
         progress("verify", 2, 2)
         timings["verify_s"] = time.perf_counter() - t
+        memory.mark("verify")
         quality = {"sqnr_db": _sqnr_summary(sqnr), "probe_prompt": prompt, **gate}
         _check_gate(quality, min_sqnr, min_agreement, max_kl)
 
@@ -236,7 +281,8 @@ def export_bundle(
         _make_readable(tmp)
         _move_into_place(tmp, out)
         progress("write", 1, 1)
-        return manifest
+        memory.mark("write")
+        return {**manifest, "export_memory": memory.summary()}
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise TinyVError(f"the disk is full while writing {out}; free space and export again") from None

@@ -204,7 +204,12 @@ def pickle_source(path: str, label: str, wrapped: bool) -> tuple[Source, dict]:
 
 
 def _safetensors_source(paths: list[str], label: str) -> Source:
-    """Tensors of one or more safetensors files, in file order, with one file mapped at a time."""
+    """Tensors of one or more safetensors files, each copied out of its file and the file unmapped.
+
+    A tensor read from a mapped file is a view that keeps the whole mapping alive, and every page
+    read through a mapping counts as the process's memory while it is mapped: a streamed Phi-2
+    (2 GB shards) would hold a shard or more resident beside whatever the reader keeps.
+    """
     from safetensors import safe_open
 
     owner: dict[str, str] = {}
@@ -215,15 +220,12 @@ def _safetensors_source(paths: list[str], label: str) -> Source:
                     owner[k] = p
         except Exception as e:  # SafetensorError and OSError
             raise TinyVError(f"{label}: cannot read {p} ({e}); is the download complete?") from None
-    current: dict = {"path": None, "handle": None}
 
     def get(key: str) -> torch.Tensor:
         path = owner[key]
-        if current["path"] != path:
-            current["handle"] = None  # unmaps the previous shard
-            current["handle"], current["path"] = safe_open(path, framework="pt"), path
         try:
-            return current["handle"].get_tensor(key)
+            with safe_open(path, framework="pt") as h:
+                return h.get_tensor(key).clone()
         except Exception as e:
             raise TinyVError(f"{label}: cannot read {key} from {path} ({e}); is the file complete?") from None
 

@@ -22,10 +22,11 @@ class StreamedPhi(PhiForCausalLM):
         self.cfg, self.weights = cfg, weights
         self.work = DecoderLayer(cfg)
         self.embed_tokens = nn.Embedding.from_pretrained(weights.get("phi.embed_tokens.weight").float(), freeze=True)
-        self.final_layernorm = nn.LayerNorm(cfg.hidden, eps=cfg.eps)
-        self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size)
+        with torch.device("meta"):  # filled by assignment: no second vocab x hidden fp32 matrix
+            self.final_layernorm = nn.LayerNorm(cfg.hidden, eps=cfg.eps)
+            self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size)
         for mod, name in ((self.final_layernorm, "final_layernorm"), (self.lm_head, "lm_head")):
-            mod.load_state_dict({k: weights.get(f"phi.{name}.{k}").float() for k in ("weight", "bias")})
+            mod.load_state_dict({k: weights.get(f"phi.{name}.{k}").float() for k in ("weight", "bias")}, assign=True)
         self.rotary = Rotary(cfg)
         self.eval()
 

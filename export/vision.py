@@ -24,8 +24,6 @@ Memory (ViT-g is ~1B parameters, 4.4 GB in fp32, and the caller still holds the 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
 import io
 import logging
 import os
@@ -41,6 +39,7 @@ from torch import nn
 
 from tinyv.engine.errors import TinyVError
 from tinyv.engine.image import preprocess
+from tinyv.export.memory import release_memory
 
 ONNX_FILE = "vision.onnx"
 DATA_FILE = ONNX_FILE + ".data"
@@ -169,16 +168,6 @@ def _session(model, threads: int | None = None, *, prepack: bool = True, arena: 
     return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
-def _release_memory(collect: bool = True) -> None:
-    """Hand freed heap back to the OS (glibc keeps it otherwise), after collecting garbage."""
-    if collect:  # ~0.1 s with torch loaded: once per stage, not once per piece
-        gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
-
-
 # -- export ---------------------------------------------------------------------------------------
 def export_vision(
     model,
@@ -226,13 +215,13 @@ def export_vision(
         reference = np.concatenate([
             model.encode_pixels(chunk).float().numpy() for chunk in pixels.split(_REFERENCE_BATCH)
         ])  # [n, Q, hidden]
-        _release_memory()
+        release_memory()
 
         say("tracing")
         fp32_path = os.path.join(work, "fp32", ONNX_FILE)
         os.makedirs(os.path.dirname(fp32_path))
         _write_fp32(VisionEncoder(model), fp32_path, size, opset)  # the exporter traces in eval mode
-        _release_memory()
+        release_memory()
 
         int8_info = None
         if precision == "fp32":
@@ -523,9 +512,9 @@ def _quantize_and_pick(fp32_path, work, pixels, reference, threshold, say):
         dst = os.path.join(work, f"int8-{'channel' if per_channel else 'tensor'}", ONNX_FILE)
         os.makedirs(os.path.dirname(dst))
         quantize_pieces(fp32_path, dst, per_channel)
-        _release_memory()
+        release_memory()
         _inline_if_small(dst, threshold)
-        _release_memory()
+        release_memory()
         candidates[per_channel] = dst
     shutil.rmtree(os.path.dirname(fp32_path))  # the fp32 intermediate is no longer needed
     results = {}
@@ -601,7 +590,7 @@ def quantize_pieces(src: str, dst: str, per_channel: bool, piece_bytes: int | No
                 if t.name not in initializers:
                     initializers[t.name] = writer.add(t.name, onnx.numpy_helper.to_array(t))
             del q
-            _release_memory(collect=False)
+            release_memory(collect=False)
     except BaseException:
         writer.close()
         with contextlib.suppress(FileNotFoundError):
@@ -713,7 +702,7 @@ def _verify(path: str, pixels: torch.Tensor, reference: np.ndarray, whole: bool 
         t1 = time.perf_counter()
         out, pieces = run_in_pieces(path, {INPUT: pixels.numpy()})
     t2 = time.perf_counter()
-    _release_memory()
+    release_memory()
     if out.shape != reference.shape:
         raise TinyVError(
             f"the exported vision graph returned shape {list(out.shape)}, expected {list(reference.shape)}"
@@ -749,7 +738,7 @@ def run_in_pieces(path: str, feeds: dict, piece_bytes: int | None = None) -> tup
         values.update(zip(names, session.run(names, ins)))
         del session, ins
         values = {v: x for v, x in values.items() if v in later}  # drop what no later piece reads
-        _release_memory(collect=False)
+        release_memory(collect=False)
     return values[graph.output[0].name], len(pieces)
 
 

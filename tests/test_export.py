@@ -15,7 +15,7 @@ from tinyv.engine.bundle import LLM_FILE, MANIFEST, read_manifest
 from tinyv.engine.llm import build_quant_phi, linear_names
 from tinyv.engine.prompts import build_prompt
 from tinyv.export.bundle import export_bundle
-from tinyv.kernels.quant import QuantConfig, dequantize_weight
+from tinyv.kernels.quant import QuantConfig, dequantize_weight, quantize_weight, sqnr_db
 
 
 def _export(paths, out, **kw):
@@ -52,6 +52,61 @@ def test_bundle_contents(bundles, bits, vision):
     assert q["sqnr_db"]["min"] >= floor
     assert m["vision"]["verify"]["cosine_min"] >= (0.9999 if vision == "fp32" else 0.99)
     print(bits, vision, {k: q[k] for k in ("kl_mean", "kl_max", "token_agreement")}, q["sqnr_db"]["min"])
+
+
+STAGES = ["load", "vision", "quantize", "verify", "write"]
+
+
+@pytest.mark.parametrize("bits, vision", [(4, "fp32"), (8, "int8"), (16, "fp32")])
+def test_export_memory_per_stage(bundles, bits, vision):
+    """RSS now and the peak so far at the end of every stage: returned, not written to the bundle."""
+    path, m = bundles[(bits, vision)]
+    mem = m["export_memory"]
+    assert list(mem) == STAGES
+    peaks = [mem[s]["peak_mb"] for s in STAGES]
+    assert all(0 < mem[s]["rss_mb"] <= mem[s]["peak_mb"] for s in STAGES)
+    assert peaks == sorted(peaks)  # the peak so far never goes down
+    assert "export_memory" not in json.load(open(os.path.join(path, MANIFEST)))
+    written = {k: v for k, v in m.items() if k != "export_memory"}
+    assert json.loads(json.dumps(bundle_mod._jsonable(written))) == read_manifest(path)
+
+
+def test_stage_memory_reads_the_kernel():
+    from tinyv.export.memory import StageMemory, rss_mb
+
+    rss, peak = rss_mb()
+    assert 0 < rss <= peak
+    log = StageMemory()
+    log.mark("a")
+    block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched
+    log.mark("b")
+    del block
+    a, b = log.summary()["a"], log.summary()["b"]
+    assert b["peak_mb"] >= a["peak_mb"] and b["rss_mb"] > a["rss_mb"] + 32
+
+
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_quantize_rows_equals_the_whole_weight(monkeypatch, bits):
+    """Quantized a block of rows at a time: the same tensors and the same SQNR as all at once."""
+    monkeypatch.setattr(bundle_mod, "BLOCK_ELEMS", 3 * 64)  # 3 rows per block, the last one short
+    w = torch.randn(20, 64, generator=torch.Generator().manual_seed(0)).to(torch.float16)
+    qcfg = QuantConfig(bits, 32)
+    stored, db = bundle_mod.quantize_rows(w, qcfg)
+    whole = quantize_weight(w.float(), qcfg)
+    assert stored.keys() == whole.keys() and all(torch.equal(stored[k], whole[k]) for k in whole)
+    assert db == pytest.approx(sqnr_db(w.float(), dequantize_weight(whole, qcfg)), rel=1e-12)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc")
+def test_phi2_tensors_do_not_keep_their_file_mapped(tiny_paths):
+    """Every page read through a mapping counts as the process's memory while it stays mapped."""
+    from tinyv.export.loaders import phi2_source
+
+    src = phi2_source(tiny_paths.phi2)
+    kept = [src.get(k) for k in src.keys]
+    with open("/proc/self/maps") as f:
+        assert not [line for line in f if os.path.realpath(tiny_paths.phi2) in line]
+    assert len(kept) == len(src.keys)
 
 
 def test_quality_orders_by_precision(bundles):
