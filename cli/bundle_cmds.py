@@ -94,6 +94,7 @@ def export_summary(output: str, m: dict) -> dict:
             "kl_mean": q["kl_mean"], "kl_max": q["kl_max"], "token_agreement": q["token_agreement"],
             "steps": q["steps"],
         },
+        "memory": m.get("export_memory"),  # RSS at the end of each stage and the peak so far, MB
     }
 
 

@@ -279,6 +279,7 @@ def test_cli_export_json_and_info(tiny_paths, tmp_path):
     s = json.loads(r.stdout)
     assert s["bits"] == 8 and s["quality"]["sqnr_min_db"] > 35 and set(s["files"]) >= {"vision.onnx", LLM_FILE}
     assert "quantize: done" in r.stderr  # one line per stage when not a terminal
+    assert list(s["memory"]) == STAGES and all(v["peak_mb"] > 0 for v in s["memory"].values())
     r = CliRunner().invoke(cli, ["info", str(out), "--verify"])
     assert r.exit_code == 0 and "8-bit" in r.stdout and "verified" in r.stdout
     r = CliRunner().invoke(cli, ["info", str(out), "--json"])
