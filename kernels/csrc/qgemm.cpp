@@ -282,6 +282,16 @@ void rows_scalar(const Job& j, int n0, int n1) {
     }
 }
 
+// `width` bytes of a row at byte offset `at`; where the row ends first, a copy in `tail` padded
+// with `fill` (the code of weight 0, or scale 0). The activation is zero there too, so padded
+// lanes add nothing: one loop serves every K that is a multiple of the group size.
+inline const void* span_or_padded(const void* row, int at, int rowbytes, int width, int fill, void* tail) {
+    if (at + width <= rowbytes) return (const uint8_t*)row + at;
+    std::memset(tail, fill, width);
+    if (at < rowbytes) std::memcpy(tail, (const uint8_t*)row + at, rowbytes - at);
+    return tail;
+}
+
 // ----- AVX-512 VNNI ---------------------------------------------------------------------------
 
 TV_AVX512 inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
@@ -312,7 +322,8 @@ TV_AVX512 inline __m512 lane_scales512(const uint16_t* sc) {
 template <int G, int MR>
 TV_AVX512 void q4_block512(const Job& j, int n, int m0) {
     const Act& a = *j.act;
-    const int K = j.K, Kp = a.Kp, nchunks = Kp / 128, full = K / 128, lanes = a.lanes();
+    const int K = j.K, Kp = a.Kp, nchunks = Kp / 128, lanes = a.lanes();
+    constexpr int scales_per_chunk = 128 / G > 0 ? 128 / G : 1;
     const uint8_t* wr = j.w + (long)n * (K / 2);
     const uint16_t* sr = j.sc + (long)n * (K / G);
     const __m512i mask = _mm512_set1_epi8(0x0F);
@@ -321,20 +332,9 @@ TV_AVX512 void q4_block512(const Job& j, int n, int m0) {
     alignas(64) uint8_t wtail[64];
     alignas(16) uint16_t stail[4];
     for (int c = 0; c < nchunks; c++) {
-        __m512i wv;
-        __m512 sw;
-        if (c < full) {
-            wv = _mm512_loadu_si512(wr + 64 * c);
-            sw = lane_scales512<G, 128>(sr + (128 / G) * c);
-        } else {  // K not a multiple of 128: zero-padded copy (the activation is zero there too)
-            std::memset(wtail, 0x88, 64);  // code 8 = value 0
-            std::memset(stail, 0, sizeof stail);
-            const int rem = K - 128 * c;
-            std::memcpy(wtail, wr + 64 * c, rem / 2);
-            std::memcpy(stail, sr + (128 / G) * c, (rem / G) * 2);
-            wv = _mm512_load_si512(wtail);
-            sw = lane_scales512<G, 128>(stail);
-        }
+        const __m512i wv = _mm512_loadu_si512(span_or_padded(wr, 64 * c, K / 2, 64, 0x88, wtail));
+        const __m512 sw = lane_scales512<G, 128>((const uint16_t*)span_or_padded(
+            sr, 2 * scales_per_chunk * c, 2 * (K / G), 2 * scales_per_chunk, 0, stail));
         const __m512i lo = _mm512_and_si512(wv, mask);
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), mask);
         for (int r = 0; r < MR; r++) {
@@ -353,7 +353,7 @@ TV_AVX512 void q4_block512(const Job& j, int n, int m0) {
 template <int G, int MR>
 TV_AVX512 void q8_block512(const Job& j, int n, int m0) {
     const Act& a = *j.act;
-    const int K = j.K, Kp = a.Kp, nhalves = Kp / 64, full = K / 64, lanes = a.lanes();
+    const int K = j.K, Kp = a.Kp, nhalves = Kp / 64, lanes = a.lanes();
     const int8_t* wr = (const int8_t*)j.w + (long)n * K;
     const uint16_t* sr = j.sc + (long)n * (K / G);
     __m512 acc[MR];
@@ -361,22 +361,10 @@ TV_AVX512 void q8_block512(const Job& j, int n, int m0) {
     alignas(64) int8_t wtail[64];
     alignas(16) uint16_t stail[4];
     for (int h = 0; h < nhalves; h++) {
-        __m512i wv;
-        __m512 sw;
+        const __m512i wv = _mm512_loadu_si512(span_or_padded(wr, 64 * h, K, 64, 0, wtail));
         // the scale of element 64h is number (64h)/G; a half never spans more than 2 groups
-        const uint16_t* sp = sr + (64 * h) / G;
-        if (h < full) {
-            wv = _mm512_loadu_si512(wr + 64 * h);
-            sw = G == 32 ? lane_scales512<32, 64>(sp) : _mm512_set1_ps(_cvtsh_ss(*sp));
-        } else {
-            std::memset(wtail, 0, 64);
-            std::memset(stail, 0, sizeof stail);
-            const int rem = K - 64 * h;
-            std::memcpy(wtail, wr + 64 * h, rem);
-            std::memcpy(stail, sp, std::max(1, rem / G) * 2);
-            wv = _mm512_load_si512(wtail);
-            sw = G == 32 ? lane_scales512<32, 64>(stail) : _mm512_set1_ps(_cvtsh_ss(stail[0]));
-        }
+        const uint16_t* sp = (const uint16_t*)span_or_padded(sr, 2 * ((64 * h) / G), 2 * (K / G), G == 32 ? 4 : 2, 0, stail);
+        const __m512 sw = G == 32 ? lane_scales512<32, 64>(sp) : _mm512_set1_ps(_cvtsh_ss(*sp));
         // vpdpbusd multiplies unsigned by signed bytes: |w| times x with w's sign moved onto x
         const __m512i wabs = _mm512_abs_epi8(wv);
         const __mmask64 neg = _mm512_movepi8_mask(wv);
@@ -401,11 +389,14 @@ TV_AVX2 inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-// Scales of 8 lanes, each covering `per_lane_bytes` weight bytes starting at byte offset `byte0`
-// of a group structure with `bytes_per_group` bytes per group (int4: G/2, int8: G).
-TV_AVX2 inline __m256 lane_scales256(const uint16_t* sr, int byte0, int bytes_per_group) {
+// Scales of the 8 lanes (4 weight bytes each) starting at byte `byte0` of a row whose groups are
+// `bytes_per_group` bytes (int4: G/2, int8: G); lanes past the row's `ngroups` groups get 0.
+TV_AVX2 inline __m256 lane_scales256(const uint16_t* sr, int byte0, int bytes_per_group, int ngroups) {
     alignas(32) float s[8];
-    for (int l = 0; l < 8; l++) s[l] = _cvtsh_ss(sr[(byte0 + 4 * l) / bytes_per_group]);
+    for (int l = 0; l < 8; l++) {
+        const int g = (byte0 + 4 * l) / bytes_per_group;
+        s[l] = g < ngroups ? _cvtsh_ss(sr[g]) : 0.f;
+    }
     return _mm256_load_ps(s);
 }
 
@@ -422,21 +413,8 @@ TV_AVX2 void q4_block256(const Job& j, int n, int m0) {
     // 32 weight bytes at a time: half h of chunk c = bytes [32h, 32h+32) of the chunk
     for (int b = 0; b < Kp / 2; b += 32) {
         const int c = b / 64, h = (b % 64) / 32;
-        __m256i wv;
-        if (b + 32 <= rowbytes) {
-            wv = _mm256_loadu_si256((const __m256i*)(wr + b));
-        } else {
-            std::memset(wtail, 0x88, 32);
-            if (b < rowbytes) std::memcpy(wtail, wr + b, rowbytes - b);
-            wv = _mm256_load_si256((const __m256i*)wtail);
-        }
-        // the scale lookup stays inside this row's groups: bytes past K map to a padded group
-        alignas(32) float sv[8];
-        for (int l = 0; l < 8; l++) {
-            const int g = (b + 4 * l) / (G / 2);
-            sv[l] = g < K / G ? _cvtsh_ss(sr[g]) : 0.f;
-        }
-        const __m256 sw = _mm256_load_ps(sv);
+        const __m256i wv = _mm256_loadu_si256((const __m256i*)span_or_padded(wr, b, rowbytes, 32, 0x88, wtail));
+        const __m256 sw = lane_scales256(sr, b, G / 2, K / G);
         const __m256i lo = _mm256_and_si256(wv, mask);
         const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), mask);
         for (int r = 0; r < MR; r++) {
@@ -464,20 +442,8 @@ TV_AVX2 void q8_block256(const Job& j, int n, int m0) {
     for (int r = 0; r < MR; r++) acc[r] = _mm256_setzero_ps();
     alignas(32) int8_t wtail[32];
     for (int b = 0; b < Kp; b += 32) {
-        __m256i wv;
-        if (b + 32 <= K) {
-            wv = _mm256_loadu_si256((const __m256i*)(wr + b));
-        } else {
-            std::memset(wtail, 0, 32);
-            if (b < K) std::memcpy(wtail, wr + b, K - b);
-            wv = _mm256_load_si256((const __m256i*)wtail);
-        }
-        alignas(32) float sv[8];
-        for (int l = 0; l < 8; l++) {
-            const int g = (b + 4 * l) / G;
-            sv[l] = g < K / G ? _cvtsh_ss(sr[g]) : 0.f;
-        }
-        const __m256 sw = _mm256_load_ps(sv);
+        const __m256i wv = _mm256_loadu_si256((const __m256i*)span_or_padded(wr, b, K, 32, 0, wtail));
+        const __m256 sw = lane_scales256(sr, b, G, K / G);
         const __m256i wabs = _mm256_sign_epi8(wv, wv);
         for (int r = 0; r < MR; r++) {
             const long m = m0 + r;
