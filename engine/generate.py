@@ -89,28 +89,30 @@ def stream_tokens(
     finish = None
     delta, token = "", None
     t_first = time.perf_counter() if timings is None else timings.get("_t_first", time.perf_counter())
-    with torch.inference_mode():
-        while finish is None:
+    # no inference mode around the loop: a generator suspended at ``yield`` inside one would leave
+    # it switched on in the caller (autograd off for the rest of the thread if the stream is dropped)
+    while finish is None:
+        with torch.inference_mode():
             token = sampler(logits, generated)
-            generated.append(token)
-            if token == tokenizer.eos_id:
-                finish = "eos"
-                delta = decoder.text[len(emitted):]  # flush what was held back
-            else:
-                decoder.push(token)
-                text, stopped = cut_at_stop(decoder.text, stop_strings)
-                if stopped:
-                    finish = "stop"
-                elif len(generated) >= max_new_tokens:
-                    finish = "length"
-                elif stop_event is not None and stop_event.is_set():
-                    finish = "cancelled"
-                safe = text if finish else text[: len(text) - held_back(text, stop_strings)]
-                delta = safe[len(emitted):] if safe.startswith(emitted) else ""
-            emitted += delta
-            if finish is None:
-                yield GenerationStep(delta, token)
-                logits = decode_one(phi, token, start_pos + len(generated) - 1, cache)
+        generated.append(token)
+        if token == tokenizer.eos_id:
+            finish = "eos"
+            delta = decoder.text[len(emitted):]  # flush what was held back
+        else:
+            decoder.push(token)
+            text, stopped = cut_at_stop(decoder.text, stop_strings)
+            if stopped:
+                finish = "stop"
+            elif len(generated) >= max_new_tokens:
+                finish = "length"
+            elif stop_event is not None and stop_event.is_set():
+                finish = "cancelled"
+            safe = text if finish else text[: len(text) - held_back(text, stop_strings)]
+            delta = safe[len(emitted):] if safe.startswith(emitted) else ""
+        emitted += delta
+        if finish is None:
+            yield GenerationStep(delta, token)
+            logits = decode_one(phi, token, start_pos + len(generated) - 1, cache)
     t_end = time.perf_counter()
     n_decode = len(generated) - 1
     out = {k: v for k, v in (timings or {}).items() if not k.startswith("_")}

@@ -664,3 +664,13 @@ def test_python_m_cli_main_has_the_commands():
     print(f"\n[python -m tinyv.cli.main --help] {elapsed:.2f} s")
     assert out.returncode == 0 and elapsed < 5.0
     assert "caption" in out.stdout and "chat" in out.stdout, out.stdout
+
+
+def test_a_dropped_stream_leaves_autograd_on(e16, scene):
+    """A stream read part way and abandoned must not leave inference mode on in the caller's thread."""
+    stream = e16.stream(scene, max_new_tokens=8)
+    next(stream)
+    next(stream)
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    stream.close()
+    assert torch.is_grad_enabled()
