@@ -1,5 +1,6 @@
 """Shared fixtures: tiny checkpoints in the real formats, written once per test session."""
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 
@@ -42,3 +43,20 @@ def torch_kernels(monkeypatch):
     native.reset()
     yield
     native.reset()
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """No test may touch the user's cache (default model, default embedding cache)."""
+    monkeypatch.setenv("TINYV_CACHE", str(tmp_path / "tinyv-cache"))
+    monkeypatch.delenv("TINYV_DEBUG", raising=False)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread: on a busy 2-core machine torch's spinning pool runs the tiny model
+    up to 100x slower; results do not depend on it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -21,19 +21,8 @@ F1_FLOOR, VQA_FLOOR = 0.70, 0.60
 CAPTION_WORDS = (set(sc.COLOURS) | set(sc.KINDS) | set(sc.SIZES) | {w for p in sc.WHERE.values() for w in p.split()}
                  | {"a", "left", "of", "above", "and"})
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("TINYV_CACHE", str(tmp_path / "tinyv-cache"))
-    monkeypatch.delenv("TINYV_DEBUG", raising=False)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: a second one waits on the other busy core of a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# every test: an isolated TINYV_CACHE, and one torch thread (fixtures in conftest.py)
+pytestmark = pytest.mark.usefixtures("isolated_cache", "one_torch_thread")
 
 
 # -- scenes ----------------------------------------------------------------------------------------

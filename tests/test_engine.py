@@ -33,21 +33,8 @@ VQA_Q = "what colour is the circle?"
 
 # -- fixtures ------------------------------------------------------------------------------------
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    """No test may touch the user's cache (default model, default embedding cache)."""
-    monkeypatch.setenv("TINYV_CACHE", str(tmp_path / "tinyv-cache"))
-    monkeypatch.delenv("TINYV_DEBUG", raising=False)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on a busy 2-core machine torch's spinning pool runs the tiny model
-    up to 100x slower; results do not depend on it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# every test: an isolated TINYV_CACHE, and one torch thread (fixtures in conftest.py)
+pytestmark = pytest.mark.usefixtures("isolated_cache", "one_torch_thread")
 
 
 @pytest.fixture(scope="module")
