@@ -62,6 +62,9 @@ class Engine:
         ``cache_dir=None`` keeps image embeddings in memory only; ``verify`` checks every file's
         sha256 (sizes and format are always checked). ``announce(msg)`` is told about the default.
         """
+        from tinyv.kernels import native
+
+        native.check_setting()  # a mistyped TINYV_KERNELS fails here, before any loading
         if bundle is None:
             from tinyv.engine.default import default_bundle
 

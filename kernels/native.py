@@ -6,7 +6,8 @@ When the library is missing (no compiler at install time) or ``TINYV_KERNELS=tor
 engine keeps the pure-torch path; :func:`describe` says which one runs (``tinyv bench`` prints it).
 
 ``TINYV_KERNELS`` = ``auto`` (default) | ``torch`` | ``avx512`` | ``avx2`` | ``scalar`` — the last
-three force a path (capped at what the CPU has), for tests and comparisons.
+three force a path (capped at what the CPU has), for tests and comparisons. Any other value is an
+error (:func:`check_setting`), not a silent fall-back to the slow path.
 """
 from __future__ import annotations
 
@@ -31,12 +32,21 @@ def _library_path() -> str | None:
     return found[0] if found else None
 
 
+def check_setting() -> str:
+    """The ``TINYV_KERNELS`` choice, normalised; a ``TinyVError`` if it is not one tinyv knows."""
+    raw = os.environ.get("TINYV_KERNELS", "auto")
+    choice = raw.strip().lower() or "auto"
+    if choice not in ("auto", "torch", *_FORCE):
+        from tinyv.engine.errors import TinyVError
+
+        raise TinyVError(f"TINYV_KERNELS={raw!r} is not one of auto, torch, avx512, avx2, scalar: "
+                         "unset it (auto picks the fastest path this CPU has) or set one of those")
+    return choice
+
+
 def _load():
     global _lib, _why
-    choice = os.environ.get("TINYV_KERNELS", "auto").strip().lower() or "auto"
-    if choice not in ("auto", "torch", *_FORCE):
-        _why = f"TINYV_KERNELS={choice!r} is not one of auto, torch, avx512, avx2, scalar"
-        return None
+    choice = check_setting()
     if choice == "torch":
         _why = "TINYV_KERNELS=torch"
         return None
@@ -66,7 +76,7 @@ def _load():
 
 
 def lib():
-    """The loaded library, or None (then :func:`describe` says why)."""
+    """The loaded library, or None (then :func:`describe` says why); a bad ``TINYV_KERNELS`` raises."""
     global _lib
     if _lib is None and not _why:
         _lib = _load()

@@ -16,6 +16,8 @@ from tinyv.kernels import native
 from tinyv.kernels.linear import QuantLinear
 from tinyv.kernels.quant import QuantConfig, dequantize_weight, quantize_weight
 
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
+
 
 @pytest.fixture(autouse=True)
 def _fresh_kernel_choice(monkeypatch):
@@ -143,8 +145,23 @@ def test_describe_names_the_path(monkeypatch):
     for path in isas():
         use(path, monkeypatch)
         assert native.describe().startswith("native " + {"avx512": "avx512-vnni"}.get(path, path))
+
+
+def test_an_unknown_kernel_setting_is_an_error_not_a_slow_fallback(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from tinyv.cli.main import cli
+    from tinyv.engine.errors import TinyVError
+
     use("avx9000", monkeypatch)
-    assert not native.available() and "not one of" in native.describe()
+    for call in (native.available, native.describe):
+        with pytest.raises(TinyVError, match="TINYV_KERNELS='avx9000' is not one of auto, torch"):
+            call()
+    result = CliRunner().invoke(cli, ["caption", os.path.join(EXAMPLES, "three_shapes.png")])
+    assert result.exit_code == 1 and "TINYV_KERNELS='avx9000' is not one of" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    use("AVX2 ", monkeypatch)  # case and spaces are forgiven
+    assert native.available()
 
 
 def test_missing_library_falls_back(monkeypatch):
