@@ -1,6 +1,6 @@
 """Train the built-in demo model on generated scenes and write its checkpoints in the real formats.
 
-    python -m tinyv.demo.train --out /tmp/tinyv-demo --seed 0 --minutes 20   # the shipped model (1500 steps)
+    python -m tinyv.demo.train --out /tmp/tinyv-demo --seed 0   # the shipped model (defaults)
     tinyv export --preset demo --bits 8 -o bundle --phi2 OUT/phi-2 --vit OUT/eva_vit_g.pth \\
         --qformer OUT/blip2_pretrained_flant5xxl.pth --stage OUT/TinyGPT-V_for_Stage4.pth
 
@@ -8,19 +8,27 @@ Every example is exactly what the runtime feeds the model: ``prompts.build_promp
 for a caption or a VQA question, split at ``<ImageHere>``, each text part tokenized on its own
 (no BOS), the image's query embeddings between them. The loss is on the answer tokens and the
 stop string ``###`` that follows them, which is where the runtime cuts the answer. Each image in a
-batch is encoded once and serves one caption and several questions.
+batch is encoded once and serves its caption and all its questions.
 
-The vision side starts from random weights, and through the LLM's loss alone it gets no useful
-gradient (a blind vision side gives the LLM nothing to attend to, so the LLM never learns to attend
-to it). The real TinyGPT-V starts from a pre-trained ViT and Q-Former; here an auxiliary loss
-pre-trains them on the scenes while the LLM trains: linear heads read every grid cell's colour, kind
-and size from the ViT token of that cell, and every slot's colour, kind and size and the shape count
-from the Q-Former's query outputs (``VisionProbe``; weight ``--aux-weight``, 0 turns it off). The
-heads exist only during training: they are not part of ``TinyGPTV`` and no checkpoint file holds them.
+Two phases, as the real TinyGPT-V (whose ViT and Q-Former come pre-trained and stay frozen):
+
+1. *Vision* (``--vision-steps``): the ViT and Q-Former alone learn the scenes through
+   training-only linear heads (``VisionProbe``): every grid cell's colour, kind and size from that
+   cell's ViT token; from Q-Former query ``k`` the shape in slot ``k`` and ``k`` itself, so each of
+   the first five queries becomes an object token carrying what is in its slot and where; the shape
+   count from all queries. No LLM runs, so these steps are cheap.
+2. *Joint* (``--steps``): the ViT and Q-Former stay fixed (``--no-freeze-vision`` trains them on,
+   with the probe loss weighted by ``--aux-weight``); the projections, the LLM and its LoRA learn
+   the answers.
+
+Why: from random weights the vision side gets no useful gradient through the LLM's loss (a blind
+vision side gives the LLM nothing to attend to, so it never learns to attend), and a Q-Former
+trained on along with a still-random LLM is pulled off what it learned (its probe loss went from
+0.0005 to 0.8 in 150 steps). The heads are not part of ``TinyGPTV``; no checkpoint file holds them.
 
 Reproducible: the seed fixes the tokenizer, the initial weights and every generated scene; with
 a fixed ``--steps`` the same seed gives the same model on the same torch build. ``--minutes`` caps
-the time instead: the step count is then planned from the measured speed of the first steps.
+the time instead: the joint step count is then planned from the measured speed of the first ones.
 """
 from __future__ import annotations
 
@@ -43,7 +51,7 @@ from tinyv.engine.config import TinyGPTVConfig, preset
 from tinyv.engine.image import preprocess
 from tinyv.engine.tokenizer import Tokenizer
 
-QUESTIONS_PER_IMAGE = 2  # plus one caption per image: captions carry the most signal
+QUESTIONS_PER_IMAGE = 6  # plus one caption per image; a scene has 6 questions, so all of them
 WARMUP_STEPS = 100
 TIMING_STEPS = 20  # steps measured before planning the rest when --minutes is given
 GRID = 3  # the scenes' 3x3 grid: one demo ViT patch per cell
@@ -86,16 +94,22 @@ def scene_labels(scene: Scene) -> dict[str, torch.Tensor]:
     return labels
 
 
-def make_batch(rng: random.Random, builder: PromptBuilder, images: int, size: int):
+def make_batch(rng: random.Random, builder: PromptBuilder, images: int, size: int, with_text: bool = True,
+               questions: int = QUESTIONS_PER_IMAGE):
     """``images`` new scenes: pixels [B, 3, S, S], per sequence (image index, after ids, answer ids), and
-    the scenes' labels for the auxiliary vision loss (``scene_labels`` stacked over the batch)."""
+    the scenes' labels for the auxiliary vision loss (``scene_labels`` stacked over the batch).
+    Each image gives one caption and ``questions`` of its question/answer pairs (all when it has
+    fewer). Without ``with_text`` the sequence list is empty (the vision-only steps)."""
     pixels, seqs, labels = [], [], []
     for i in range(images):
         scene = make_scene(rng)
         pixels.append(preprocess(scene.render(size), size))
         labels.append(scene_labels(scene))
+        if not with_text:
+            continue
         seqs.append((i, *builder.example(None, "caption", scene.caption())))
-        for qa in rng.sample(scene.questions(), QUESTIONS_PER_IMAGE):
+        qas = scene.questions()
+        for qa in rng.sample(qas, min(questions, len(qas))):
             seqs.append((i, *builder.example(qa.question, "vqa", qa.answer)))
     return torch.cat(pixels), seqs, {k: torch.stack([x[k] for x in labels]) for k in labels[0]}
 
@@ -104,21 +118,30 @@ class VisionProbe(torch.nn.Module):
     """Training-only linear heads that pre-train the vision side on the scenes' attributes.
 
     ``vit``: one head shared by the ViT's patch tokens, each predicting its own grid cell's colour,
-    kind and size (0: empty). ``qformer``: one head on the concatenated query outputs predicting
-    every cell's attributes and the shape count, so the queries must carry what the LLM needs.
+    kind and size (0: empty). ``query``: one head shared by the first ``len(SLOTS)`` Q-Former query
+    outputs, query ``k`` predicting the colour, kind and size of the shape in slot ``k`` (slot order)
+    *and* ``k`` itself: each of these queries becomes an object token that carries what is in its slot
+    and where that slot is in its own content, which the LLM can find by attending to "red circle"
+    and read "left" from. ``count``: the shape count from all query outputs together.
     Not part of ``TinyGPTV``: ``write_checkpoints`` never sees these weights.
     """
 
     def __init__(self, cfg: TinyGPTVConfig):
         super().__init__()
+        if cfg.qformer.num_queries < len(SLOTS):
+            raise ValueError(f"the demo's vision loss needs at least {len(SLOTS)} Q-Former queries "
+                             f"(one per slot), the config has {cfg.qformer.num_queries}")
         self.sizes = [len(c) for c in ATTRIBUTES.values()]
         per_cell = sum(self.sizes)
         self.vit = torch.nn.Linear(cfg.vision.width, per_cell)
-        self.qformer = torch.nn.Linear(cfg.qformer.num_queries * cfg.qformer.hidden,
-                                       GRID * GRID * per_cell + MAX_SHAPES + 1)
+        self.query = torch.nn.Linear(cfg.qformer.hidden, per_cell + len(SLOTS))
+        self.count = torch.nn.Linear(cfg.qformer.num_queries * cfg.qformer.hidden, MAX_SHAPES + 1)
+        # grid cell (row-major) of each slot, in slot order
+        self.register_buffer("slot_cells", torch.tensor(
+            [SLOTS[s][1] * GRID + SLOTS[s][0] for s in sorted(SLOTS, key=lambda s: SLOTS[s])]), persistent=False)
 
     def _cells_loss(self, logits: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean cross-entropy of per-cell logits [B, 9, per_cell] against every attribute."""
+        """Mean cross-entropy of per-cell logits [B, C, per_cell] against every attribute ([B, C] labels)."""
         parts = logits.split(self.sizes, dim=-1)
         return sum(F.cross_entropy(part.flatten(0, 1), labels[name].flatten())
                    for part, name in zip(parts, ATTRIBUTES)) / len(ATTRIBUTES)
@@ -133,9 +156,13 @@ class VisionProbe(torch.nn.Module):
         g = math.isqrt(patches.shape[1])
         cells = F.adaptive_avg_pool2d(patches.transpose(1, 2).unflatten(2, (g, g)), GRID).flatten(2).transpose(1, 2)
         vit_loss = self._cells_loss(self.vit(cells), labels)
-        out = self.qformer(queries.flatten(1))
-        cells = out[:, :-(MAX_SHAPES + 1)].unflatten(1, (GRID * GRID, -1))
-        q_loss = (self._cells_loss(cells, labels) + F.cross_entropy(out[:, -(MAX_SHAPES + 1):], labels["count"])) / 2
+        n = len(SLOTS)
+        out = self.query(queries[:, :n])  # [B, n, per_cell + n]
+        slot_labels = {name: labels[name][:, self.slot_cells] for name in ATTRIBUTES}
+        which = torch.arange(n).expand(queries.shape[0], n)
+        q_loss = (self._cells_loss(out[..., :-n], slot_labels) + F.cross_entropy(out[..., -n:].flatten(0, 1),
+                                                                                   which.flatten())
+                  + F.cross_entropy(self.count(queries.flatten(1)), labels["count"])) / 3
         return vit_loss, q_loss
 
 
@@ -176,16 +203,21 @@ def lr_at(step: int, total: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
-def train(cfg: TinyGPTVConfig, tokenizer: Tokenizer, *, steps: int, seed: int, images_per_step: int = 16,
-          lr: float = 2e-3, minutes: float | None = None, aux_weight: float = 1.0, log=print):
+def train(cfg: TinyGPTVConfig, tokenizer: Tokenizer, *, steps: int, seed: int, images_per_step: int = 4,
+          lr: float = 2e-3, minutes: float | None = None, aux_weight: float = 1.0, vision_steps: int = 0,
+          vision_images: int = 64, freeze_vision: bool = False, questions_per_image: int = QUESTIONS_PER_IMAGE,
+          log=print):
     """Train a fresh model; returns it (LoRA still separate) and a summary dict.
 
-    The loss is the answer tokens' cross-entropy plus ``aux_weight`` times the ``VisionProbe``
-    losses (ViT and Q-Former heads); the logged ``loss`` is the answer tokens' alone.
+    First ``vision_steps`` steps of the vision side alone on the ``VisionProbe`` losses
+    (``vision_images`` scenes a step: no LLM runs, so they are cheap), then ``steps`` steps of the
+    whole model on the answer tokens' cross-entropy plus ``aux_weight`` times the probe losses. The
+    logged ``loss`` is the answer tokens' alone. ``minutes`` caps the whole run: the joint steps are
+    planned from the time left and the measured speed of the first ones.
     """
     model = build_training_model(cfg, seed)
     model.train()
-    probe = VisionProbe(cfg) if aux_weight > 0 else None
+    probe = VisionProbe(cfg) if aux_weight > 0 or vision_steps > 0 else None
     builder = PromptBuilder(tokenizer, cfg.stage)
     params = [p for p in model.parameters() if p.requires_grad]
     params += list(probe.parameters()) if probe is not None else []
@@ -194,20 +226,43 @@ def train(cfg: TinyGPTVConfig, tokenizer: Tokenizer, *, steps: int, seed: int, i
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.98))
     rng = random.Random(seed)
-    total, t0, smooth, smooth_aux = steps, time.perf_counter(), None, None
+    t0, smooth_aux = time.perf_counter(), None
+
+    def smoothed(old, new):
+        return new if old is None else tuple(0.95 * a + 0.05 * b for a, b in zip(old, new))
+
+    for step in range(vision_steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, vision_steps, lr)
+        pixels, _, labels = make_batch(rng, builder, vision_images, cfg.image_size, with_text=False)
+        vit_tokens = model.visual(pixels)
+        queries = model.qformer(model.ln_vision(vit_tokens))
+        vit_loss, q_loss = probe(vit_tokens, queries, labels)
+        opt.zero_grad(set_to_none=True)
+        (vit_loss + q_loss).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        smooth_aux = smoothed(smooth_aux, (vit_loss.item(), q_loss.item()))
+        if (step + 1) % 100 == 0 or step + 1 == vision_steps:
+            log(f"vision step {step + 1}/{vision_steps} aux vit {smooth_aux[0]:.4f} qformer {smooth_aux[1]:.4f} "
+                f"{time.perf_counter() - t0:.0f} s")
+    vision_seconds = time.perf_counter() - t0
+    if freeze_vision:  # as the real TinyGPT-V: ViT and Q-Former fixed, the projections and the LLM learn
+        for module in (model.visual, model.ln_vision, model.qformer):
+            module.requires_grad_(False)
+    total, t1, smooth = steps, time.perf_counter(), None
     step = 0
     while step < total:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total, lr)
-        pixels, seqs, labels = make_batch(rng, builder, images_per_step, cfg.image_size)
+        pixels, seqs, labels = make_batch(rng, builder, images_per_step, cfg.image_size, questions=questions_per_image)
         embeds, vit_tokens, queries = encode_images(model, pixels, intermediates=True)
         loss = sequence_loss(model, builder.before, embeds, seqs)
         objective = loss
-        if probe is not None:
+        if aux_weight > 0 and not freeze_vision:
             vit_loss, q_loss = probe(vit_tokens, queries, labels)
             objective = loss + aux_weight * (vit_loss + q_loss)
-            aux = (vit_loss.item(), q_loss.item())
-            smooth_aux = aux if smooth_aux is None else tuple(0.95 * a + 0.05 * b for a, b in zip(smooth_aux, aux))
+            smooth_aux = smoothed(smooth_aux, (vit_loss.item(), q_loss.item()))
         opt.zero_grad(set_to_none=True)
         objective.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -215,15 +270,18 @@ def train(cfg: TinyGPTVConfig, tokenizer: Tokenizer, *, steps: int, seed: int, i
         step += 1
         smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
         if minutes is not None and step == TIMING_STEPS:
-            per_step = (time.perf_counter() - t0) / step
-            total = min(steps, max(step, int(minutes * 60 / per_step)))
-            log(f"{per_step:.2f} s/step: planning {total} steps for {minutes:g} min")
+            per_step = (time.perf_counter() - t1) / step
+            left = minutes * 60 - (time.perf_counter() - t0)
+            total = min(steps, max(step, step + int(left / per_step)))
+            log(f"{per_step:.2f} s/step: planning {total} steps for {minutes:g} min in all")
         if step % 50 == 0 or step == total:
             aux_text = "" if smooth_aux is None else f" aux vit {smooth_aux[0]:.4f} qformer {smooth_aux[1]:.4f}"
             log(f"step {step}/{total} loss {smooth:.4f}{aux_text} lr {lr_at(step - 1, total, lr):.2e} "
                 f"{time.perf_counter() - t0:.0f} s")
     model.eval()
-    return model, {"steps": total, "seconds": time.perf_counter() - t0, "final_loss": smooth,
+    return model, {"steps": total, "vision_steps": vision_steps, "freeze_vision": freeze_vision,
+                   "questions_per_image": questions_per_image, "vision_images": vision_images,
+                   "vision_seconds": vision_seconds, "seconds": time.perf_counter() - t0, "final_loss": smooth,
                    "images": total * images_per_step, "aux_weight": aux_weight,
                    "final_aux_loss": None if smooth_aux is None else {"vit": smooth_aux[0], "qformer": smooth_aux[1]}}
 
@@ -248,15 +306,24 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="Folder for the checkpoint files (created).")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=1500, help="Optimizer steps (default %(default)s).")
+    p.add_argument("--steps", type=int, default=10000, help="Joint optimizer steps (default %(default)s).")
     p.add_argument("--minutes", type=float, help="Stop after about this many minutes (fewer steps if slower).")
-    p.add_argument("--images-per-step", type=int, default=16)
+    p.add_argument("--images-per-step", type=int, default=4)
+    p.add_argument("--questions-per-image", type=int, default=QUESTIONS_PER_IMAGE,
+                   help="Questions asked of each image beside its caption (default %(default)s: all).")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--preset", default="demo", help="Model configuration (default %(default)s).")
+    p.add_argument("--vision-steps", type=int, default=1000,
+                   help="Steps of the vision side alone on the auxiliary loss before the joint steps (default %(default)s).")
+    p.add_argument("--vision-images", type=int, default=64, help="Scenes per vision-only step (default %(default)s).")
+    p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
+                   help="Keep the ViT and Q-Former fixed after the vision-only steps, as TinyGPT-V's training does "
+                        "(default: on).")
     p.add_argument("--aux-weight", type=float, default=1.0,
                    help="Weight of the training-only vision loss on the scenes' attributes (0: off; default %(default)s).")
-    # one thread: on a shared 2-core machine a second one waits on a busy core (measured 7x slower)
-    p.add_argument("--threads", type=int, default=1)
+    # two threads run a step 1.8x faster on an idle 2-core machine; on a busy one use 1 (a second
+    # thread waiting on a busy core was measured 7x slower)
+    p.add_argument("--threads", type=int, default=2, help="Torch threads (default %(default)s).")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = preset(args.preset)
@@ -269,7 +336,9 @@ def main(argv=None) -> int:
     n_params = sum(p.numel() for p in build_training_model(cfg, args.seed).parameters())
     print(f"preset {args.preset}: {n_params / 1e6:.2f} M parameters (LoRA included); tokenizer {tokenizer.size} entries")
     model, summary = train(cfg, tokenizer, steps=args.steps, seed=args.seed, images_per_step=args.images_per_step,
-                           lr=args.lr, minutes=args.minutes, aux_weight=args.aux_weight)
+                           lr=args.lr, minutes=args.minutes, aux_weight=args.aux_weight,
+                           vision_steps=args.vision_steps, vision_images=args.vision_images,
+                           freeze_vision=args.freeze_vision, questions_per_image=args.questions_per_image)
     paths = write_checkpoints(model, tok_dir, os.path.join(args.out, "checkpoints"))
     err = check_round_trip(model, paths, cfg, tokenizer)
     summary.update(seed=args.seed, preset=args.preset, images_per_step=args.images_per_step, lr=args.lr,

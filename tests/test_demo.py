@@ -127,6 +127,49 @@ def test_training_loop_and_checkpoints_round_trip(tmp_path):
     assert check_round_trip(model, paths, cfg, tok) < 1e-4
 
 
+def test_vision_probe_reads_each_slot_from_its_own_query():
+    """The probe's slot order matches the scenes' labels: query k is asked for the shape in slot k."""
+    from tinyv.demo.train import ATTRIBUTES, VisionProbe, scene_labels
+    from tinyv.engine.config import preset
+
+    probe = VisionProbe(preset("demo"))
+    order = sorted(sc.SLOTS, key=lambda s: sc.SLOTS[s])
+    for scene in sc.make_scenes(20, seed=4):
+        labels = scene_labels(scene)
+        by_slot = {s.slot: s for s in scene.shapes}
+        for k, slot in enumerate(order):
+            for name, classes in ATTRIBUTES.items():
+                want = classes.index(getattr(by_slot[slot], name)) if slot in by_slot else 0
+                assert labels[name][probe.slot_cells[k]] == want
+    with pytest.raises(ValueError, match="at least 5 Q-Former queries"):
+        import dataclasses
+
+        cfg = preset("demo")
+        VisionProbe(cfg.replace(qformer=dataclasses.replace(cfg.qformer, num_queries=4)))
+
+
+def test_vision_only_steps_leave_the_language_model_alone(tmp_path):
+    import dataclasses
+
+    from tinyv.demo.checkpoints import build_training_model
+    from tinyv.demo.tokenizer import save_tokenizer, train_tokenizer, training_corpus
+    from tinyv.demo.train import train
+    from tinyv.engine.config import preset
+    from tinyv.engine.tokenizer import Tokenizer
+
+    cfg = preset("tiny")
+    cfg = cfg.replace(phi=dataclasses.replace(cfg.phi, layers=1, vocab_size=512))
+    save_tokenizer(train_tokenizer(training_corpus(0), 512), str(tmp_path / "tok"))
+    tok = Tokenizer.from_dir(str(tmp_path / "tok"))
+    before = build_training_model(cfg, 0).state_dict()
+    model, summary = train(cfg, tok, steps=0, vision_steps=3, vision_images=4, seed=0, log=lambda msg: None)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert summary["vision_steps"] == 3 and summary["steps"] == 0
+    assert changed and all(k.startswith(("visual.", "qformer.", "ln_vision.")) for k in changed)
+    assert any(k.startswith("qformer.") for k in changed) and any(k.startswith("visual.") for k in changed)
+
+
 # -- the shipped default -----------------------------------------------------------------------------
 
 def test_engine_load_default_uses_the_shipped_bundle_and_writes_nothing(tmp_path):
