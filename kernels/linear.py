@@ -2,7 +2,8 @@
 
 Two paths compute it. The compiled kernels (``kernels/native.py``) quantize the activations to
 int8 per group and run integer dot products straight over the stored weights — what the engine
-uses. The torch path (dequantize a block of rows, matmul, next block) is exact with respect to
+uses; for long 8-bit prefills on CPUs with bf16 units (``native.bf16_prefill_rows``) it
+dequantizes a block of rows to bf16 and lets torch's bf16 matmul run instead. The torch path (dequantize a block of rows, matmul, next block) is exact with respect to
 the stored format and is the reference and the fallback when the kernels are not available.
 """
 from __future__ import annotations
@@ -38,16 +39,33 @@ class QuantLinear(nn.Module):
         """Whether the compiled kernels compute this layer."""
         return self.cfg.bits != 16 and native.available()
 
+    def _bf16(self, x: torch.Tensor) -> bool:
+        rows = native.bf16_prefill_rows() if self.cfg.bits == 8 else None
+        return rows is not None and x.numel() // self.in_features >= rows
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native():
+            if self._bf16(x):
+                return self.bf16_forward(x)
             return native.qgemm(x, self.qweight, self.scales, self.cfg.bits, self.cfg.group_size, self.bias)
         return self.reference_forward(x)
 
     def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
         """``gelu_tanh(self(x))``, with the GELU in the kernel's epilogue (no extra pass)."""
         if self.native():
+            if self._bf16(x):
+                return F.gelu(self.bf16_forward(x), approximate="tanh")
             return native.qgemm(x, self.qweight, self.scales, self.cfg.bits, self.cfg.group_size, self.bias, gelu=True)
         return F.gelu(self.reference_forward(x), approximate="tanh")
+
+    def bf16_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Many rows: ROW_BLOCK weight rows at a time dequantized to bf16, a bf16 matmul (fp32
+        accumulation in oneDNN), fp32 out; the bias added in fp32."""
+        xb = x.to(torch.bfloat16)
+        outs = [F.linear(xb, self.weight_rows(s, min(s + ROW_BLOCK, self.out_features)).to(torch.bfloat16))
+                for s in range(0, self.out_features, ROW_BLOCK)]
+        y = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)).float()
+        return y if self.bias is None else y + self.bias
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The torch path: dequantize ROW_BLOCK rows at a time to fp32 and matmul."""

@@ -244,3 +244,36 @@ def test_engine_greedy_tokens_native_vs_torch(bits, tiny_bundles, scene, monkeyp
         assert kl.mean().item() < (1e-3 if bits == 8 else 0.05), kl.mean().item()
     finally:
         torch.set_num_threads(n)
+
+
+def test_long_8bit_prefill_goes_to_bf16_matmul_where_the_cpu_has_bf16(monkeypatch):
+    """M >= 256 rows of an 8-bit layer: dequantize to bf16 + bf16 matmul (faster than the int8
+    kernel there), only on the auto path of a CPU with bf16 units; the result stays close to exact."""
+    gen = torch.Generator().manual_seed(11)
+    cfg = QuantConfig(8, 32)
+    w, b = torch.randn(2100, 96, generator=gen) * 0.05, torch.randn(2100, generator=gen)  # > ROW_BLOCK rows
+    stored = quantize_weight(w, cfg)
+    lin = QuantLinear(96, 2100, cfg, stored, b)
+    exact = lambda x: x @ dequantize_weight(stored, cfg).T + b  # noqa: E731
+    calls = []
+    monkeypatch.setattr(QuantLinear, "bf16_forward", lambda self, x: calls.append(x.shape) or exact(x))
+
+    monkeypatch.setattr(native, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    native.reset()
+    lin(torch.randn(2, 100, 96, generator=gen))  # 200 rows: the int8 kernel
+    lin.forward_gelu(torch.randn(300, 96, generator=gen))
+    assert calls == [(300, 96)]
+    monkeypatch.setattr(native, "_cpu_flags", lambda: {"avx512f", "avx2"})  # no bf16 units
+    native.reset()
+    lin(torch.randn(300, 96, generator=gen))
+    use("avx512", monkeypatch)  # a forced kernel path is never rerouted
+    monkeypatch.setattr(native, "_cpu_flags", lambda: {"avx512_bf16"})
+    lin(torch.randn(300, 96, generator=gen))
+    assert calls == [(300, 96)]
+    monkeypatch.undo()
+
+    x = torch.randn(3, 300, 96, generator=gen)
+    got, want = lin.bf16_forward(x), exact(x)
+    assert got.shape == want.shape == (3, 300, 2100) and got.dtype == torch.float32
+    assert ((got - want).norm() / want.norm()) < 1e-2  # bf16 rounding of x, w and the output
+    native.reset()
