@@ -3,8 +3,8 @@
 Two paths compute it. The compiled kernels (``kernels/native.py``) quantize the activations to
 int8 per group and run integer dot products straight over the stored weights — what the engine
 uses; for long 8-bit prefills on CPUs with bf16 units (``native.bf16_prefill_rows``) it
-dequantizes a block of rows to bf16 and lets torch's bf16 matmul run instead. The torch path (dequantize a block of rows, matmul, next block) is exact with respect to
-the stored format and is the reference and the fallback when the kernels are not available.
+dequantizes a block of rows to bf16 and lets torch's bf16 matmul run instead. The torch path
+(dequantize a block of rows, matmul, next block) is exact with respect to the stored format and is the reference and the fallback when the kernels are not available.
 """
 from __future__ import annotations
 
@@ -59,23 +59,22 @@ class QuantLinear(nn.Module):
         return F.gelu(self.reference_forward(x), approximate="tanh")
 
     def bf16_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Many rows: ROW_BLOCK weight rows at a time dequantized to bf16, a bf16 matmul (fp32
-        accumulation in oneDNN), fp32 out; the bias added in fp32."""
-        xb = x.to(torch.bfloat16)
-        outs = [F.linear(xb, self.weight_rows(s, min(s + ROW_BLOCK, self.out_features)).to(torch.bfloat16))
-                for s in range(0, self.out_features, ROW_BLOCK)]
-        y = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)).float()
+        """Many rows: weight blocks dequantized to bf16, a bf16 matmul (fp32 accumulation in
+        oneDNN), fp32 out; the bias added in fp32."""
+        y = self._blocked_linear(x.to(torch.bfloat16), torch.bfloat16, None).float()
         return y if self.bias is None else y + self.bias
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The torch path: dequantize ROW_BLOCK rows at a time to fp32 and matmul."""
-        if self.out_features <= ROW_BLOCK:
-            return F.linear(x, self.weight_rows(0, self.out_features), self.bias)
+        return self._blocked_linear(x, torch.float32, self.bias)
+
+    def _blocked_linear(self, x: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
+        """``F.linear`` over ROW_BLOCK weight rows at a time, dequantized to ``dtype`` (bounds the transient)."""
         outs = []
         for s in range(0, self.out_features, ROW_BLOCK):
             e = min(s + ROW_BLOCK, self.out_features)
-            outs.append(F.linear(x, self.weight_rows(s, e), None if self.bias is None else self.bias[s:e]))
-        return torch.cat(outs, dim=-1)
+            outs.append(F.linear(x, self.weight_rows(s, e).to(dtype), None if bias is None else bias[s:e]))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.cfg.bits}, group={self.cfg.group_size}"

@@ -24,6 +24,7 @@ FLAG_GELU = 1
 _lib = None
 _why = ""  # why the native path is off, when it is
 _threads: int | None = None  # kernel threads when pinned; None = torch's intra-op count
+_bf16_rows: int | None = None  # bf16_prefill_rows() once read (0: never)
 
 
 def _library_path() -> str | None:
@@ -121,9 +122,6 @@ def bf16_prefill_rows() -> int | None:
         fast = any(f in _cpu_flags() for f in ("avx512_bf16", "amx_bf16"))
         _bf16_rows = 256 if fast and check_setting() == "auto" else 0
     return _bf16_rows or None
-
-
-_bf16_rows: int | None = None
 
 
 def _cpu_flags() -> set[str]:
