@@ -31,6 +31,7 @@ SIZES = {"small": 0.22, "large": 0.40}  # half-width of the shape as a fraction 
 # slot -> (column, row) in a 3x3 grid; the slot order (left to right, then top to bottom) is the
 # order shapes are described in
 SLOTS = {"left": (0, 1), "top": (1, 0), "centre": (1, 1), "bottom": (1, 2), "right": (2, 1)}
+SLOT_ORDER = tuple(sorted(SLOTS, key=SLOTS.get))  # left, top, centre, bottom, right
 WHERE = {"left": "on the left", "top": "at the top", "centre": "in the centre", "bottom": "at the bottom",
          "right": "on the right"}
 NUMBERS = ("zero", "one", "two", "three")

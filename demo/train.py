@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from tinyv.demo.checkpoints import build_training_model, write_checkpoints
-from tinyv.demo.scenes import COLOURS, KINDS, SIZES, SLOTS, Scene, make_scene
+from tinyv.demo.scenes import COLOURS, KINDS, SIZES, SLOT_ORDER, SLOTS, Scene, make_scene
 from tinyv.demo.tokenizer import answer_text, save_tokenizer, train_tokenizer, training_corpus
 from tinyv.engine import prompts
 from tinyv.engine.config import TinyGPTVConfig, preset
@@ -137,8 +137,8 @@ class VisionProbe(torch.nn.Module):
         self.query = torch.nn.Linear(cfg.qformer.hidden, per_cell + len(SLOTS))
         self.count = torch.nn.Linear(cfg.qformer.num_queries * cfg.qformer.hidden, MAX_SHAPES + 1)
         # grid cell (row-major) of each slot, in slot order
-        self.register_buffer("slot_cells", torch.tensor(
-            [SLOTS[s][1] * GRID + SLOTS[s][0] for s in sorted(SLOTS, key=lambda s: SLOTS[s])]), persistent=False)
+        self.register_buffer("slot_cells", torch.tensor([SLOTS[s][1] * GRID + SLOTS[s][0] for s in SLOT_ORDER]),
+                             persistent=False)
 
     def _cells_loss(self, logits: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean cross-entropy of per-cell logits [B, C, per_cell] against every attribute ([B, C] labels)."""
@@ -166,11 +166,16 @@ class VisionProbe(torch.nn.Module):
         return vit_loss, q_loss
 
 
+def encode_vision(model, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ViT tokens and the Q-Former outputs of ``pixels``, with gradients (the probe reads both)."""
+    vit_tokens = model.visual(pixels)
+    return vit_tokens, model.qformer(model.ln_vision(vit_tokens))
+
+
 def encode_images(model, pixels: torch.Tensor, intermediates: bool = False):
     """``TinyGPTV.encode_pixels`` with gradients: [B, Q, phi.hidden]; with ``intermediates``, also the
     ViT tokens and the Q-Former outputs (for the auxiliary loss)."""
-    vit_tokens = model.visual(pixels)
-    queries = model.qformer(model.ln_vision(vit_tokens))
+    vit_tokens, queries = encode_vision(model, pixels)
     embeds = model.llama_proj2(model.llama_proj(queries))
     return (embeds, vit_tokens, queries) if intermediates else embeds
 
@@ -231,17 +236,19 @@ def train(cfg: TinyGPTVConfig, tokenizer: Tokenizer, *, steps: int, seed: int, i
     def smoothed(old, new):
         return new if old is None else tuple(0.95 * a + 0.05 * b for a, b in zip(old, new))
 
-    for step in range(vision_steps):
+    def update(objective: torch.Tensor, step: int, total: int) -> None:
+        """One optimizer step on ``objective`` at the schedule's learning rate for ``step`` of ``total``."""
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, vision_steps, lr)
-        pixels, _, labels = make_batch(rng, builder, vision_images, cfg.image_size, with_text=False)
-        vit_tokens = model.visual(pixels)
-        queries = model.qformer(model.ln_vision(vit_tokens))
-        vit_loss, q_loss = probe(vit_tokens, queries, labels)
+            group["lr"] = lr_at(step, total, lr)
         opt.zero_grad(set_to_none=True)
-        (vit_loss + q_loss).backward()
+        objective.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+
+    for step in range(vision_steps):
+        pixels, _, labels = make_batch(rng, builder, vision_images, cfg.image_size, with_text=False)
+        vit_loss, q_loss = probe(*encode_vision(model, pixels), labels)
+        update(vit_loss + q_loss, step, vision_steps)
         smooth_aux = smoothed(smooth_aux, (vit_loss.item(), q_loss.item()))
         if (step + 1) % 100 == 0 or step + 1 == vision_steps:
             log(f"vision step {step + 1}/{vision_steps} aux vit {smooth_aux[0]:.4f} qformer {smooth_aux[1]:.4f} "
@@ -253,8 +260,6 @@ def train(cfg: TinyGPTVConfig, tokenizer: Tokenizer, *, steps: int, seed: int, i
     total, t1, smooth = steps, time.perf_counter(), None
     step = 0
     while step < total:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, total, lr)
         pixels, seqs, labels = make_batch(rng, builder, images_per_step, cfg.image_size, questions=questions_per_image)
         embeds, vit_tokens, queries = encode_images(model, pixels, intermediates=True)
         loss = sequence_loss(model, builder.before, embeds, seqs)
@@ -263,10 +268,7 @@ def train(cfg: TinyGPTVConfig, tokenizer: Tokenizer, *, steps: int, seed: int, i
             vit_loss, q_loss = probe(vit_tokens, queries, labels)
             objective = loss + aux_weight * (vit_loss + q_loss)
             smooth_aux = smoothed(smooth_aux, (vit_loss.item(), q_loss.item()))
-        opt.zero_grad(set_to_none=True)
-        objective.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        update(objective, step, total)
         step += 1
         smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
         if minutes is not None and step == TIMING_STEPS:

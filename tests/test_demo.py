@@ -132,11 +132,11 @@ def test_vision_probe_reads_each_slot_from_its_own_query():
     from tinyv.engine.config import preset
 
     probe = VisionProbe(preset("demo"))
-    order = sorted(sc.SLOTS, key=lambda s: sc.SLOTS[s])
+    assert sc.SLOT_ORDER == ("left", "top", "centre", "bottom", "right")
     for scene in sc.make_scenes(20, seed=4):
         labels = scene_labels(scene)
         by_slot = {s.slot: s for s in scene.shapes}
-        for k, slot in enumerate(order):
+        for k, slot in enumerate(sc.SLOT_ORDER):
             for name, classes in ATTRIBUTES.items():
                 want = classes.index(getattr(by_slot[slot], name)) if slot in by_slot else 0
                 assert labels[name][probe.slot_cells[k]] == want
