@@ -327,6 +327,15 @@ def main(argv=None) -> int:
     # thread waiting on a busy core was measured 7x slower)
     p.add_argument("--threads", type=int, default=2, help="Torch threads (default %(default)s).")
     args = p.parse_args(argv)
+    for name in ("steps", "vision_steps", "questions_per_image"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be 0 or more")
+    for name in ("images_per_step", "vision_images", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be 1 or more")
+    if args.freeze_vision and args.vision_steps == 0:
+        p.error("--freeze-vision with --vision-steps 0 would freeze an untrained, blind vision side: "
+                "give --vision-steps (default 1000) or pass --no-freeze-vision")
     torch.set_num_threads(args.threads)
     cfg = preset(args.preset)
     t0 = time.perf_counter()

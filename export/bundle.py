@@ -163,7 +163,9 @@ def export_bundle(
     from tinyv.export.loaders import PhiWeights, build_model, open_checkpoints
     from tinyv.export.quality import StreamedPhi, compare_greedy
     from tinyv.export.vision import export_vision, probe_images
+    from tinyv.kernels import native
 
+    native.check_setting()  # the quality gate runs the kernels: a mistyped TINYV_KERNELS fails before any work
     qcfg = QuantConfig(bits, group_size)
     if vision not in VISION_PRECISIONS:
         raise TinyVError(f"--vision must be one of {', '.join(VISION_PRECISIONS)}, got {vision!r}")

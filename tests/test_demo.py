@@ -169,6 +169,20 @@ def test_vision_only_steps_leave_the_language_model_alone(tmp_path):
     assert any(k.startswith("qformer.") for k in changed) and any(k.startswith("visual.") for k in changed)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--vision-steps", "0"], "would freeze an untrained, blind vision side"),
+    (["--threads", "0"], "--threads must be 1 or more"),
+    (["--steps", "-1"], "--steps must be 0 or more"),
+])
+def test_train_command_rejects_bad_options_before_writing(tmp_path, capsys, args, message):
+    from tinyv.demo.train import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "out"), *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 # -- the shipped default -----------------------------------------------------------------------------
 
 def test_engine_load_default_uses_the_shipped_bundle_and_writes_nothing(tmp_path):

@@ -277,3 +277,18 @@ def test_long_8bit_prefill_goes_to_bf16_matmul_where_the_cpu_has_bf16(monkeypatc
     assert got.shape == want.shape == (3, 300, 2100) and got.dtype == torch.float32
     assert ((got - want).norm() / want.norm()) < 1e-2  # bf16 rounding of x, w and the output
     native.reset()
+
+
+def test_export_checks_the_kernel_setting_before_any_work(monkeypatch, tmp_path):
+    """The export's quality gate runs the kernels: a bad TINYV_KERNELS must stop it first, not after
+    minutes of vision export (the checkpoint paths here do not even exist)."""
+    from click.testing import CliRunner
+
+    from tinyv.cli.main import cli
+
+    use("avx9000", monkeypatch)
+    missing = str(tmp_path / "nothing")
+    r = CliRunner().invoke(cli, ["export", "--phi2", missing, "--vit", missing, "--qformer", missing,
+                                 "--stage", missing, "-o", str(tmp_path / "out")])
+    assert r.exit_code == 1 and "TINYV_KERNELS='avx9000' is not one of" in r.output
+    assert os.listdir(tmp_path) == []
