@@ -4,9 +4,18 @@ The heavy parts (torch, the model) load on first use, so ``import tinyv`` and
 ``tinyv --help`` stay fast.
 """
 from tinyv._version import __version__
-from tinyv.engine.errors import TinyVError
+from tinyv.errors import TinyVError
 
-__all__ = ["__version__", "TinyVError", "Engine", "TinyGPTV", "TinyGPTVConfig", "preset"]
+__all__ = ["__version__", "TinyVError", "load", "Engine", "TinyGPTV", "TinyGPTVConfig", "preset"]
+
+
+def load(bundle=None, *, announce=None, **options):
+    """An ``Engine`` for ``bundle`` (a folder from ``tinyv export``); with none, the built-in demo
+    model, and ``announce(line)`` is told so. ``options`` go to ``Engine.load``."""
+    from tinyv.demo.builtin import resolve_bundle
+    from tinyv.engine.engine import Engine
+
+    return Engine.load(resolve_bundle(bundle, announce), **options)
 
 
 def __getattr__(name):  # lazy: the model pulls in torch
@@ -15,7 +24,7 @@ def __getattr__(name):  # lazy: the model pulls in torch
 
         return Engine
     if name == "TinyGPTV":
-        from tinyv.engine.model import TinyGPTV
+        from tinyv.export.reference import TinyGPTV
 
         return TinyGPTV
     if name in ("TinyGPTVConfig", "preset"):

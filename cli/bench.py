@@ -19,15 +19,15 @@ from tinyv.cli.main import cli
 @click.option("--json", "as_json", is_flag=True)
 def bench_cmd(bundle, image, runs, threads, pp, tg, llm_only, as_json):
     """Image encode (uncached/cached), TTFT, prefill pp64/pp512 and decode tg128, mean ± std."""
-    from tinyv.engine.bench import format_bench, run_bench
-    from tinyv.engine.engine import Engine
-    from tinyv.engine.errors import TinyVError
+    from tinyv.cli.bench_figures import format_bench, run_bench
+    import tinyv
+    from tinyv.errors import TinyVError
 
     try:
         lengths = tuple(int(x) for x in pp.split(",") if x.strip())
     except ValueError:
         raise TinyVError(f"--pp takes comma-separated token counts, e.g. 64,512; got {pp!r}") from None
-    engine = Engine.load(bundle, threads=threads, cache_dir=None, announce=lambda m: click.echo(m, err=True))
+    engine = tinyv.load(bundle, threads=threads, cache_dir=None, announce=lambda m: click.echo(m, err=True))
     limit = engine.config.phi.max_positions
     if any(n < 1 or n + tg > limit for n in lengths) or 64 + tg > limit:
         raise TinyVError(f"prompt lengths plus --tg must fit the context of {limit} tokens")

@@ -18,7 +18,7 @@ class TinyVGroup(click.Group):
     """Turns TinyVError into one line on stderr and exit code 1 (traceback with TINYV_DEBUG=1)."""
 
     def invoke(self, ctx):
-        from tinyv.engine.errors import TinyVError
+        from tinyv.errors import TinyVError
 
         try:
             return super().invoke(ctx)
@@ -58,7 +58,7 @@ def checkpoint_options(f):
 
 def checkpoint_sources(opts: dict, needed_for: str) -> dict:
     """The four checkpoint options, all given (else one error naming the missing ones)."""
-    from tinyv.engine.errors import TinyVError
+    from tinyv.errors import TinyVError
 
     given = {k: opts.get(k) for k in CHECKPOINT_OPTIONS}
     missing = [f"--{k}" for k, v in given.items() if not v]

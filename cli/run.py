@@ -18,7 +18,7 @@ def _err(msg: str) -> None:
 
 def expand_images(paths) -> list[str]:
     """Files as given; folders become their image files (sorted, not recursive)."""
-    from tinyv.engine.errors import TinyVError
+    from tinyv.errors import TinyVError
 
     out = []
     for p in paths:
@@ -37,14 +37,14 @@ class Runner:
     """One interface over the bundle engine and the fp32 reference model."""
 
     def __init__(self, opts: dict):
-        from tinyv.engine.errors import TinyVError
+        from tinyv.errors import TinyVError
 
         self.engine = self.model = None
         if any(opts.get(k) for k in CHECKPOINT_OPTIONS):
             if opts.get("bundle"):
                 raise TinyVError("give either --bundle or the checkpoint options (--phi2 ...), not both")
             given = checkpoint_sources(opts, "a TinyGPT-V model")
-            from tinyv.engine.model import TinyGPTV
+            from tinyv.export.reference import TinyGPTV
 
             if opts.get("threads"):
                 import torch
@@ -52,9 +52,9 @@ class Runner:
                 torch.set_num_threads(opts["threads"])
             self.model = TinyGPTV.from_checkpoints(**given, image_size=opts.get("image_size"), preset=opts.get("preset"))
         else:
-            from tinyv.engine.engine import Engine
+            import tinyv
 
-            self.engine = Engine.load(opts.get("bundle"), threads=opts.get("threads"), announce=_err)
+            self.engine = tinyv.load(opts.get("bundle"), threads=opts.get("threads"), announce=_err)
 
     def stream(self, image, question=None, task="caption", prompt=None, **sampling):
         if self.engine is not None:
@@ -110,7 +110,7 @@ def _record(image, text, tokens, last) -> dict:
 
 def run_images(images, question, task, prompt, as_json, opts):
     """Answer for every image: stream one; progress bar and a line each for many."""
-    from tinyv.engine.errors import TinyVError
+    from tinyv.errors import TinyVError
 
     sampling = _sampling(opts)
     images = expand_images(images)
@@ -150,7 +150,7 @@ def caption(images, question, prompt, as_json, **opts):
 @run_options
 def ask(image, question, as_json, **opts):
     """Answer QUESTION about IMAGE with the VQA template (short answers)."""
-    from tinyv.engine.errors import TinyVError
+    from tinyv.errors import TinyVError
 
     if not question.strip():
         raise TinyVError("the question is empty")
@@ -162,7 +162,7 @@ def ask(image, question, as_json, **opts):
 @run_options
 def chat(image, as_json, **opts):
     """Ask questions about IMAGE one after another; the image is encoded once. Empty line or EOF ends."""
-    from tinyv.engine.errors import TinyVError
+    from tinyv.errors import TinyVError
 
     sampling = _sampling(opts)
     runner = Runner(opts)

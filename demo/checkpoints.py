@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from tinyv.engine.config import TinyGPTVConfig
-from tinyv.engine.model import TinyGPTV
+from tinyv.export.reference import TinyGPTV
 
 STAGE_PREFIX = "llama_model.base_model.model.model."
 BERT_POSITIONS = 512

@@ -40,7 +40,7 @@ def open_bundle(path: str | None = None, threads: int | None = None) -> Model:
 
 def open_checkpoints(phi2, vit, qformer, stage, preset: str = "demo", image_size: int | None = None) -> Model:
     """The fp32 torch reference built from the four checkpoint files."""
-    from tinyv.engine.model import TinyGPTV
+    from tinyv.export.reference import TinyGPTV
 
     model = TinyGPTV.from_checkpoints(phi2=phi2, vit=vit, qformer=qformer, stage=stage, image_size=image_size,
                                       preset=preset)

@@ -290,14 +290,14 @@ def train(cfg: TinyGPTVConfig, tokenizer: Tokenizer, *, steps: int, seed: int, i
 
 def check_round_trip(model, paths, cfg: TinyGPTVConfig, tokenizer: Tokenizer) -> float:
     """Max |logit difference| between the trained model and the one loaded from its checkpoint files."""
-    from tinyv.engine.model import TinyGPTV
+    from tinyv.export.reference import TinyGPTV
 
     loaded = TinyGPTV.from_checkpoints(**paths.as_kwargs(), preset=cfg)
     scene = make_scene(random.Random(12345))
     prompt = prompts.build_prompt(cfg.stage)
     with torch.no_grad():
         image = encode_images(model, preprocess(scene.render(cfg.image_size), cfg.image_size))
-        from tinyv.engine.model import build_prompt_embeds
+        from tinyv.engine.generate import build_prompt_embeds
 
         want = model.phi.logits(model.phi(build_prompt_embeds(model.phi, tokenizer, prompt, image)))[0, -1]
     got = loaded.next_token_logits(scene.render(cfg.image_size), prompt)

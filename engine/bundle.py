@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 
-from tinyv.engine.errors import TinyVError
+from tinyv.errors import TinyVError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, fields
 
-from tinyv.engine.errors import TinyVError
+from tinyv.errors import TinyVError
 
 
 def _from_dict(cls, d: dict):

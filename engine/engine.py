@@ -24,7 +24,7 @@ from tinyv.engine import prompts
 from tinyv.engine.bundle import LLM_FILE, read_manifest
 from tinyv.engine.cache import EmbeddingCache, default_cache_folder, image_key
 from tinyv.engine.config import TinyGPTVConfig
-from tinyv.engine.errors import TinyVError
+from tinyv.errors import TinyVError
 from tinyv.engine.generate import GenerationStep, prefill, stream_tokens
 from tinyv.engine.image import preprocess
 from tinyv.engine.llm import build_quant_phi, weight_bytes
@@ -55,22 +55,18 @@ class Engine:
 
     # -- loading -----------------------------------------------------------------------------------
     @classmethod
-    def load(cls, bundle=None, threads: int | None = None, vision_threads: int | None = None, *, verify: bool = False,
-             cache_dir=_CACHE_DEFAULT, cache_max_bytes: int | None = None, announce=None) -> "Engine":
-        """Load ``bundle`` (a folder from ``tinyv export``); with none, the built-in default model.
+    def load(cls, bundle, threads: int | None = None, vision_threads: int | None = None, *, verify: bool = False,
+             cache_dir=_CACHE_DEFAULT, cache_max_bytes: int | None = None) -> "Engine":
+        """Load ``bundle`` (a folder from ``tinyv export``; ``tinyv.load()`` also knows the built-in model).
 
         ``cache_dir=None`` keeps image embeddings in memory only; ``verify`` checks every file's
-        sha256 (sizes and format are always checked). ``announce(msg)`` is told about the default.
+        sha256 (sizes and format are always checked).
         """
         from tinyv.kernels import native
 
         native.check_setting()  # a mistyped TINYV_KERNELS fails here, before any loading
         if bundle is None:
-            from tinyv.engine.default import default_bundle
-
-            bundle, note = default_bundle()
-            if announce:
-                announce(note)
+            raise TinyVError("name a bundle folder (tinyv.load() with no bundle runs the built-in model)")
         bundle = os.fspath(bundle)
         manifest = read_manifest(bundle, verify=verify)
         from tinyv.engine.config import PhiConfig

@@ -9,7 +9,7 @@ from typing import Iterator
 import torch
 
 from tinyv.engine.phi import KVCache, PhiForCausalLM
-from tinyv.engine.prompts import STOP_STRINGS, cut_at_stop, held_back
+from tinyv.engine.prompts import STOP_STRINGS, cut_at_stop, held_back, split_prompt
 from tinyv.engine.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -21,6 +21,17 @@ class GenerationStep:
     token: int | None
     finish_reason: str | None = None  # "stop" (### seen), "eos", "length", "cancelled"
     timings: dict | None = field(default=None)
+
+
+def build_prompt_embeds(phi: PhiForCausalLM, tok: Tokenizer, prompt: str, image_embeds: torch.Tensor) -> torch.Tensor:
+    """Each text segment tokenized on its own (no BOS), image embeddings between: [1, L, hidden]."""
+    before, after = split_prompt(prompt)
+    parts = [
+        phi.embed(torch.tensor([tok.encode(before)], dtype=torch.long)),
+        image_embeds.float(),
+        phi.embed(torch.tensor([tok.encode(after)], dtype=torch.long)),
+    ]
+    return torch.cat(parts, dim=1)
 
 
 def peak_rss_mb() -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import io
 import os
 
-from tinyv.engine.errors import TinyVError
+from tinyv.errors import TinyVError
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)

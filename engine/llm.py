@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from tinyv.engine.config import PhiConfig
-from tinyv.engine.errors import TinyVError
+from tinyv.errors import TinyVError
 from tinyv.engine.phi import PhiForCausalLM, Rotary
 from tinyv.kernels.linear import QuantLinear
 from tinyv.kernels.quant import QuantConfig

@@ -1,7 +1,7 @@
 """Prompt templates (SPEC §3) and the splitting of a prompt around the image."""
 from __future__ import annotations
 
-from tinyv.engine.errors import TinyVError
+from tinyv.errors import TinyVError
 
 IMAGE_PLACEHOLDER = "<ImageHere>"
 STOP_STRINGS = ("###",)

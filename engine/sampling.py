@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from tinyv.engine.errors import TinyVError
+from tinyv.errors import TinyVError
 
 Sampler = Callable[[torch.Tensor, Sequence[int]], int]
 

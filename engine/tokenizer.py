@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 
-from tinyv.engine.errors import TinyVError
+from tinyv.errors import TinyVError
 
 EOS_TOKEN = "<|endoftext|>"
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from tinyv.engine.errors import TinyVError
+from tinyv.errors import TinyVError
 
 
 def open_session(path, threads: int | None = None):

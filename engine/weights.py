@@ -12,7 +12,7 @@ import struct
 
 import torch
 
-from tinyv.engine.errors import TinyVError
+from tinyv.errors import TinyVError
 
 _DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,

@@ -29,10 +29,10 @@ import torch
 from tinyv._version import __version__
 from tinyv.engine import prompts
 from tinyv.engine.bundle import FORMAT_VERSION, LLM_FILE, MANIFEST, TOKENIZER_FILE, file_entry, sha256_file
-from tinyv.engine.errors import TinyVError
+from tinyv.errors import TinyVError
 from tinyv.engine.image import preprocess
 from tinyv.engine.llm import LAYER_LINEARS, build_quant_phi, linear_names
-from tinyv.engine.model import build_prompt_embeds
+from tinyv.engine.generate import build_prompt_embeds
 from tinyv.export.memory import StageMemory, release_memory
 from tinyv.kernels.quant import QuantConfig, dequantize_weight, quantize_weight
 

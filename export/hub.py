@@ -16,7 +16,7 @@ import tempfile
 import urllib.parse
 import urllib.request
 
-from tinyv.engine.errors import TinyVError
+from tinyv.errors import TinyVError
 from tinyv.engine.paths import cache_dir  # noqa: F401  (re-exported)
 
 LAVIS = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2"

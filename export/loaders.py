@@ -21,8 +21,8 @@ from typing import Callable, Iterator
 import torch
 
 from tinyv.engine.config import PhiConfig, TinyGPTVConfig, preset as make_preset
-from tinyv.engine.errors import TinyVError
-from tinyv.engine.vision import interpolate_pos_embed
+from tinyv.errors import TinyVError
+from tinyv.export.eva_vit import interpolate_pos_embed
 from tinyv.export.hub import resolve
 
 IGNORE = None  # a rule target meaning "known, deliberately unused"
@@ -419,7 +419,7 @@ def open_checkpoints(phi2, vit, qformer, stage, image_size=None, preset=None) ->
 
 def build_model(ck: Checkpoints, with_phi: bool = True):
     """A fp32 ``TinyGPTV``; ``with_phi=False`` fills only the vision side (Phi-2 stays on meta)."""
-    from tinyv.engine.model import TinyGPTV
+    from tinyv.export.reference import TinyGPTV
     from tinyv.engine.phi import Rotary
 
     with torch.device("meta"):

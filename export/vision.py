@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tinyv.engine.errors import TinyVError
+from tinyv.errors import TinyVError
 from tinyv.engine.image import preprocess
 from tinyv.export.memory import release_memory
 

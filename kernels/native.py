@@ -38,7 +38,7 @@ def check_setting() -> str:
     raw = os.environ.get("TINYV_KERNELS", "auto")
     choice = raw.strip().lower() or "auto"
     if choice not in ("auto", "torch", *_FORCE):
-        from tinyv.engine.errors import TinyVError
+        from tinyv.errors import TinyVError
 
         raise TinyVError(f"TINYV_KERNELS={raw!r} is not one of auto, torch, avx512, avx2, scalar: "
                          "unset it (auto picks the fastest path this CPU has) or set one of those")

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from tinyv.engine.errors import TinyVError
+from tinyv.errors import TinyVError
 
 BITS = (4, 8, 16)
 GROUP_SIZES = (32, 64, 128)

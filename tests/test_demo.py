@@ -4,13 +4,15 @@ import os
 
 import pytest
 import torch
+
+import tinyv
 from click.testing import CliRunner
 from PIL import Image
 
 from tinyv.cli.main import cli
 from tinyv.demo import scenes as sc
 from tinyv.demo.evaluate import evaluate, open_bundle, token_f1
-from tinyv.engine.default import DEMO_BUNDLE
+from tinyv.demo.builtin import DEMO_BUNDLE
 
 EXAMPLES_DIR = os.path.join(os.path.dirname(__file__), "..", "examples")
 # The shipped model on the 500 held-out scenes: caption EM 99.0 %, VQA 99.2 % (README). The floors on
@@ -189,7 +191,7 @@ def test_engine_load_default_uses_the_shipped_bundle_and_writes_nothing(tmp_path
     from tinyv.engine.engine import Engine
 
     notes = []
-    engine = Engine.load(announce=notes.append)
+    engine = tinyv.load(announce=notes.append)
     assert os.path.realpath(engine.bundle) == os.path.realpath(DEMO_BUNDLE)
     assert len(notes) == 1 and "built-in demo model" in notes[0] and "tinyv export --help" in notes[0]
     assert engine.config.image_size == sc.IMAGE_SIZE

@@ -13,6 +13,8 @@ import time
 
 import pytest
 import torch
+
+import tinyv
 from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
@@ -20,10 +22,10 @@ import tinyv.engine.engine as engine_mod
 from tinyv import TinyVError
 from tinyv.cli.main import cli
 from tinyv.engine.bundle import LLM_FILE
-from tinyv.engine.default import DEMO_BUNDLE
+from tinyv.demo.builtin import DEMO_BUNDLE
 from tinyv.engine.engine import Engine
 from tinyv.engine.generate import prefill
-from tinyv.engine.model import build_prompt_embeds
+from tinyv.engine.generate import build_prompt_embeds
 from tinyv.engine.prompts import build_prompt
 from tinyv.export.bundle import export_bundle
 
@@ -499,19 +501,19 @@ def test_default_model_is_the_shipped_demo_bundle(tmp_path, scene):
     cache = tmp_path / "tinyv-cache"
     assert os.environ["TINYV_CACHE"] == str(cache)
     notes = []
-    e = Engine.load(announce=notes.append)
+    e = tinyv.load(announce=notes.append)
     assert len(notes) == 1 and "built-in demo model" in notes[0]
     assert os.path.realpath(e.bundle) == os.path.realpath(DEMO_BUNDLE)
     assert e.cache.folder.startswith(str(cache))  # the embedding cache lives under TINYV_CACHE too
     assert not cache.exists()  # loading wrote nothing: the model is read in place
     tokens = _run(e, scene, max_new_tokens=4)[0]
-    assert _run(Engine.load(cache_dir=None), scene, max_new_tokens=4)[0] == tokens  # announce is optional
+    assert _run(tinyv.load(cache_dir=None), scene, max_new_tokens=4)[0] == tokens  # announce is optional
 
 
 # -- bench ---------------------------------------------------------------------------------------
 
 def test_run_bench_figures(e4):
-    from tinyv.engine.bench import format_bench, run_bench
+    from tinyv.cli.bench_figures import format_bench, run_bench
 
     r = run_bench(e4, runs=1, pp=(8, 16), tg=4)
     figures = [r["image_encode_ms"]["uncached"], r["image_encode_ms"]["cached"], r["ttft_ms"]["image_uncached"],
@@ -619,7 +621,7 @@ def test_cli_errors(runner, b4, scene_path, tmp_path):
 # -- import weight -------------------------------------------------------------------------------
 
 def test_engine_imports_no_heavy_libraries():
-    code = ("import sys, tinyv.engine.engine, tinyv.engine.bench, tinyv.cli.main; "
+    code = ("import sys, tinyv.engine.engine, tinyv.cli.bench_figures, tinyv.cli.main; "
             "print([m for m in ('transformers', 'optimum', 'accelerate', 'bitsandbytes') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

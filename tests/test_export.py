@@ -138,7 +138,7 @@ def test_bundle_llm_is_the_dequantized_model(bundles, tiny_model, scene, bits, t
     ref.embed_tokens.weight.data = tensors["embed_tokens.weight"].float()
     with torch.inference_mode():
         emb = tiny_model.encode_image(scene)
-        from tinyv.engine.model import build_prompt_embeds
+        from tinyv.engine.generate import build_prompt_embeds
 
         x = build_prompt_embeds(ref, tiny_model.tokenizer, build_prompt(4), emb)
         torch.testing.assert_close(quant.logits(quant(x)), ref.logits(ref(x)), rtol=1e-4, atol=1e-4)

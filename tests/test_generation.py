@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import tinyv.engine.model as model_mod
+import tinyv.export.reference as model_mod
 from tinyv import TinyVError
 from tinyv.engine.prompts import (
     STAGE4_CHAT, build_prompt, cut_at_stop, held_back, split_prompt,

@@ -151,7 +151,7 @@ def test_an_unknown_kernel_setting_is_an_error_not_a_slow_fallback(monkeypatch, 
     from click.testing import CliRunner
 
     from tinyv.cli.main import cli
-    from tinyv.engine.errors import TinyVError
+    from tinyv.errors import TinyVError
 
     use("avx9000", monkeypatch)
     for call in (native.available, native.describe):
@@ -202,7 +202,7 @@ def tiny_bundles(tiny_paths, tmp_path_factory):
 def _engine_run(bundle, image, mode, monkeypatch):
     """Greedy tokens for a caption and a question, and the teacher-forced logits of the first."""
     from tinyv.engine.engine import Engine
-    from tinyv.engine.model import build_prompt_embeds
+    from tinyv.engine.generate import build_prompt_embeds
 
     use(mode, monkeypatch)
     torch.set_num_threads(2)
@@ -218,7 +218,7 @@ def test_engine_greedy_tokens_native_vs_torch(bits, tiny_bundles, scene, monkeyp
     flat next-token distributions let the int8 activations flip a late argmax (seen at token 16
     of 24 on the question), so there the first 12 tokens must match and the teacher-forced
     prefill (the M > 1 kernels) must agree on ≥ 90% of the generated positions with a small KL."""
-    from tinyv.engine.model import build_prompt_embeds
+    from tinyv.engine.generate import build_prompt_embeds
     from tinyv.engine.prompts import build_prompt
 
     n = torch.get_num_threads()

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from tinyv import TinyVError
 from tinyv.engine.config import preset as make_preset
-from tinyv.engine.model import TinyGPTV
+from tinyv.export.reference import TinyGPTV
 from tinyv.engine.prompts import build_prompt
 from tinyv.export.hub import resolve
 from tinyv.testing import CheckpointPaths, write_checkpoints, write_phi2, write_stage, write_vit

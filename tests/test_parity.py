@@ -38,10 +38,10 @@ from transformers import PhiForCausalLM as HFPhiForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from tinyv.engine.config import preset
-from tinyv.engine.model import TinyGPTV
+from tinyv.export.reference import TinyGPTV
 from tinyv.engine.phi import PhiForCausalLM, RMSNorm
-from tinyv.engine.qformer import QFormer
-from tinyv.engine.vision import EVAViT, interpolate_pos_embed
+from tinyv.export.qformer import QFormer
+from tinyv.export.eva_vit import EVAViT, interpolate_pos_embed
 
 TOL = 1e-4  # fp32 max relative error
 EPS_SIGNAL = 100 * TOL  # a 10x wrong eps must move the reference by at least this (rel)

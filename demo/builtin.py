@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import os
 
-DEMO_BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo", "bundle")
+DEMO_BUNDLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundle")
 NOTE = (
     "tinyv: no model given, so this runs the built-in demo model, trained on generated scenes of coloured "
     "shapes (it knows nothing else); for TinyGPT-V, export a bundle (tinyv export --help) and pass --bundle."
 )
 
 
-def default_bundle() -> tuple[str, str]:
-    """(bundle folder, note): the shipped demo bundle and the line that announces it."""
-    return DEMO_BUNDLE, NOTE
+def resolve_bundle(bundle=None, announce=None) -> str:
+    """``bundle`` as a path; with none, the shipped demo bundle (and ``announce(NOTE)`` is told)."""
+    if bundle is not None:
+        return os.fspath(bundle)
+    if announce:
+        announce(NOTE)
+    return DEMO_BUNDLE

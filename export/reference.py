@@ -16,26 +16,15 @@ import torch
 from torch import nn
 
 from tinyv.engine.config import TinyGPTVConfig
-from tinyv.engine.errors import TinyVError
+from tinyv.errors import TinyVError
 from tinyv.engine.image import preprocess
 from tinyv.engine.phi import PhiForCausalLM
-from tinyv.engine.generate import GenerationStep, peak_rss_mb, prefill, stream_tokens  # noqa: F401
+from tinyv.engine.generate import GenerationStep, build_prompt_embeds, prefill, stream_tokens
 from tinyv.engine.prompts import STOP_STRINGS, build_prompt, split_prompt
-from tinyv.engine.qformer import QFormer
+from tinyv.export.qformer import QFormer
 from tinyv.engine.sampling import make_sampler
 from tinyv.engine.tokenizer import Tokenizer
-from tinyv.engine.vision import EVAViT, FP32LayerNorm
-
-
-def build_prompt_embeds(phi: PhiForCausalLM, tok: Tokenizer, prompt: str, image_embeds: torch.Tensor) -> torch.Tensor:
-    """Each text segment tokenized on its own (no BOS), image embeddings between: [1, L, hidden]."""
-    before, after = split_prompt(prompt)
-    parts = [
-        phi.embed(torch.tensor([tok.encode(before)], dtype=torch.long)),
-        image_embeds.float(),
-        phi.embed(torch.tensor([tok.encode(after)], dtype=torch.long)),
-    ]
-    return torch.cat(parts, dim=1)
+from tinyv.export.eva_vit import EVAViT, FP32LayerNorm
 
 
 class TinyGPTV(nn.Module):
@@ -66,7 +55,7 @@ class TinyGPTV(nn.Module):
         ``preset`` names the vision/Q-Former architecture (default: the real one, ``stage4``);
         the Phi-2 architecture comes from the folder's ``config.json``.
         """
-        from tinyv.export.loaders import load_model
+        from tinyv.export.loaders import load_model  # loaders build this class: import on use
 
         return load_model(phi2=phi2, vit=vit, qformer=qformer, stage=stage, image_size=image_size, preset=preset)
 

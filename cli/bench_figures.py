@@ -1,4 +1,4 @@
-"""``tinyv bench``: the llama-bench figures (pp, tg) plus the vision stage llama-bench lacks.
+"""The figures of ``tinyv bench``: llama-bench's (pp, tg) plus the vision stage llama-bench lacks.
 
 Every figure is mean ± std over ``runs``, prefill and decode apart, with peak RSS, bits per weight
 and the achieved bandwidth (LLM weight bytes read per token × tokens/s).
