@@ -18,6 +18,35 @@ def tiny_model(tiny_paths):
     return tinyv.TinyGPTV.from_checkpoints(**tiny_paths.as_kwargs(), preset="tiny")
 
 
+class TinyBundles:
+    """Tiny bundles exported on first request and shared by the whole test session (an export
+    takes seconds; tests that only read a bundle must not each make their own)."""
+
+    def __init__(self, paths, root):
+        self.paths, self.root, self.made = paths, root, {}
+
+    def __call__(self, bits: int = 16, vision: str = "fp32") -> str:
+        key = (bits, vision)
+        if key not in self.made:
+            from tinyv.export.bundle import export_bundle
+
+            out = self.root / f"b{bits}-{vision}"
+            self.made[key] = (str(out), export_bundle(**self.paths.as_kwargs(), out=str(out), preset="tiny",
+                                                      bits=bits, vision=vision))
+        return self.made[key][0]
+
+    def manifest(self, bits: int = 16, vision: str = "fp32") -> dict:
+        """What export_bundle returned for that bundle."""
+        self(bits, vision)
+        return self.made[(bits, vision)][1]
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_paths, tmp_path_factory):
+    """``tiny_bundle(bits, vision)`` -> the path of a shared tiny bundle (read it, never change it)."""
+    return TinyBundles(tiny_paths, tmp_path_factory.mktemp("shared-bundles"))
+
+
 @pytest.fixture(scope="session")
 def scene():
     img = Image.new("RGB", (160, 120), "white")
