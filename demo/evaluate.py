@@ -30,9 +30,9 @@ class Model:
 
 def open_bundle(path: str | None = None, threads: int | None = None) -> Model:
     """A bundle through ``tinyv.Engine`` (``None``: the shipped demo bundle); no disk cache."""
-    from tinyv.engine.engine import Engine
+    import tinyv
 
-    engine = Engine.load(path, threads=threads, cache_dir=None)
+    engine = tinyv.load(path, threads=threads, cache_dir=None)
     q, v = engine.manifest["quantization"], engine.manifest["vision"]["precision"]
     name = "built-in demo bundle" if path is None else path
     return Model(f"{name} ({q['bits']}-bit g{q['group_size']}, vision {v})", lambda image: _EngineSession(engine, image))
