@@ -1,6 +1,8 @@
 """Prompt templates (SPEC §3) and the splitting of a prompt around the image."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tinyv.errors import TinyVError
 
 IMAGE_PLACEHOLDER = "<ImageHere>"
@@ -16,21 +18,56 @@ VQA_QUESTION = "[vqa] Based on the image, respond to this question with a short 
 STAGE123_CAPTION_QUESTION = "Describe this image."
 
 
-def template_for(stage: int) -> str:
-    return STAGE4_CHAT if stage >= 4 else STAGE123_CHAT
+TASKS = ("caption", "vqa")
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a model is asked: the chat template around the image and the question, the question
+    texts for a caption and for VQA, and where answers stop. A bundle records it in its manifest."""
+
+    template: str
+    caption_question: str
+    vqa_question: str
+    stop_strings: tuple[str, ...] = STOP_STRINGS
+
+    @classmethod
+    def for_stage(cls, stage: int) -> "PromptFormat":
+        if stage >= 4:
+            return cls(STAGE4_CHAT, CAPTION_QUESTION, VQA_QUESTION)
+        return cls(STAGE123_CHAT, STAGE123_CAPTION_QUESTION, "{question}")
+
+    @classmethod
+    def from_manifest(cls, prompt: dict) -> "PromptFormat":
+        return cls(prompt["template"], prompt["caption_question"], prompt["vqa_question"],
+                   tuple(prompt["stop_strings"]))
+
+    def to_manifest(self) -> dict:
+        return {"template": self.template, "caption_question": self.caption_question,
+                "vqa_question": self.vqa_question, "stop_strings": list(self.stop_strings)}
+
+    def question(self, question: str | None, task: str = "caption") -> str:
+        """The text put into the template: a free question, the caption request, or the VQA wrapper."""
+        if task not in TASKS:
+            raise TinyVError(f"task must be 'caption' or 'vqa', got {task!r}")
+        if task == "vqa":
+            if not question or not question.strip():
+                raise TinyVError("a VQA question is empty; ask something")
+            return self.vqa_question.format(question=question)
+        return question if question else self.caption_question
+
+    def render(self, question: str | None = None, task: str = "caption") -> str:
+        """The raw prompt, with ``<ImageHere>``."""
+        return self.template.format(question=self.question(question, task))
+
+    def split(self, question: str | None = None, task: str = "caption", prompt: str | None = None) -> tuple[str, str]:
+        """Text before and after the image: from a raw ``prompt`` if given, else from the template."""
+        return split_prompt(prompt if prompt is not None else self.render(question, task))
 
 
 def build_prompt(stage: int, question: str | None = None, task: str = "caption") -> str:
     """The raw prompt (with ``<ImageHere>``) for a question, a caption, or a VQA question."""
-    if task == "vqa":
-        if not question:
-            raise TinyVError("a VQA prompt needs a question")
-        q = VQA_QUESTION.format(question=question) if stage >= 4 else question
-    elif question:
-        q = question
-    else:
-        q = CAPTION_QUESTION if stage >= 4 else STAGE123_CAPTION_QUESTION
-    return template_for(stage).format(question=q)
+    return PromptFormat.for_stage(stage).render(question, task)
 
 
 def split_prompt(prompt: str) -> tuple[str, str]:

@@ -259,13 +259,8 @@ def export_bundle(
             "tinyv_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "model": cfg.to_dict(),
-            "prompt": {
-                "template": prompts.template_for(cfg.stage),
-                "image_placeholder": prompts.IMAGE_PLACEHOLDER,
-                "caption_question": prompts.CAPTION_QUESTION if cfg.stage >= 4 else prompts.STAGE123_CAPTION_QUESTION,
-                "vqa_question": prompts.VQA_QUESTION if cfg.stage >= 4 else "{question}",
-                "stop_strings": list(prompts.STOP_STRINGS),
-            },
+            "prompt": {**prompts.PromptFormat.for_stage(cfg.stage).to_manifest(),
+                       "image_placeholder": prompts.IMAGE_PLACEHOLDER},
             "tokenizer": {"file": TOKENIZER_FILE, "eos_id": ck.tokenizer.eos_id},
             "quantization": {**qcfg.to_dict(), "bits_per_weight": qcfg.bits_per_weight(),
                              "quantized": "every Linear of Phi-2 (query_key_value, dense, fc1, fc2, lm_head); "
