@@ -11,7 +11,8 @@ import time
 import torch
 
 from tinyv.engine.cache import image_key
-from tinyv.engine.generate import decode_one, peak_rss_mb, prefill
+from tinyv.engine.generate import decode_one, prefill, torch_threads
+from tinyv.engine.memory import peak_rss_mb
 
 
 def _stats(values: list[float]) -> dict:
@@ -40,12 +41,10 @@ def run_bench(engine, image=None, runs: int = 3, pp=(64, 512), tg: int = 128, se
     is the language model's alone."""
     say = progress or (lambda msg: None)
     image = image if image is not None else bench_image()
-    engine._apply_threads()
-    phi = engine.phi
-    out: dict = {"bundle": engine.bundle, "threads": torch.get_num_threads(), "llm_only": llm_only}
+    out: dict = {"bundle": engine.bundle, "threads": engine.run(torch.get_num_threads), "llm_only": llm_only}
     if not llm_only:
         _bench_vision(engine, image, runs, out, say)
-    _bench_llm(engine, runs, pp, tg, seed, out, say)
+    engine.run(lambda: _bench_llm(engine, runs, pp, tg, seed, out, say))  # where the engine's model work runs
     wb = engine.weight_bytes
     q = engine.manifest["quantization"]
     out.update({
@@ -53,18 +52,10 @@ def run_bench(engine, image=None, runs: int = 3, pp=(64, 512), tg: int = 128, se
         "llm_weight_bytes": wb,
         "achieved_gb_s": wb * out[f"tg{tg}_tok_s"]["mean"] / 1e9,
         "peak_rss_mb": peak_rss_mb(),
-        "kernels": kernels_in_use(int(q["bits"])),
+        "kernels": engine.kernel_path,
         "vision": engine.manifest["vision"]["precision"],
     })
     return out
-
-
-def kernels_in_use(bits: int) -> str:
-    from tinyv.kernels import native
-
-    if bits == 16:
-        return "torch (16-bit bundle: fp16 weights, no quantized kernels)"
-    return native.describe()
 
 
 def _bench_vision(engine, image, runs, out, say):
@@ -119,10 +110,11 @@ def _bench_llm(engine, runs, pp, tg, seed, out, say):
     for _ in range(runs):
         cache = phi.new_cache(64 + tg)
         logits = prefill(phi, random_embeds(64), cache)
-        t = time.perf_counter()
-        for i in range(tg):
-            logits = decode_one(phi, int(torch.argmax(logits)), 64 + i, cache)
-        rates.append(tg / (time.perf_counter() - t))
+        with torch_threads(engine.decode_threads):  # as generate() decodes
+            t = time.perf_counter()
+            for i in range(tg):
+                logits = decode_one(phi, int(torch.argmax(logits)), 64 + i, cache)
+            rates.append(tg / (time.perf_counter() - t))
     out[f"tg{tg}_tok_s"] = _stats(rates)
 
 

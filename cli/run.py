@@ -33,37 +33,25 @@ def expand_images(paths) -> list[str]:
     return out
 
 
-class Runner:
-    """One interface over the bundle engine and the fp32 reference model."""
+def open_model(opts: dict):
+    """The bundle engine, or the fp32 reference model when checkpoint options are given: both
+    answer ``stream(image, question, task=..., prompt=..., **options)``."""
+    from tinyv.errors import TinyVError
 
-    def __init__(self, opts: dict):
-        from tinyv.errors import TinyVError
+    if not any(opts.get(k) for k in CHECKPOINT_OPTIONS):
+        import tinyv
 
-        self.engine = self.model = None
-        if any(opts.get(k) for k in CHECKPOINT_OPTIONS):
-            if opts.get("bundle"):
-                raise TinyVError("give either --bundle or the checkpoint options (--phi2 ...), not both")
-            given = checkpoint_sources(opts, "a TinyGPT-V model")
-            from tinyv.export.reference import TinyGPTV
+        return tinyv.load(opts.get("bundle"), threads=opts.get("threads"), announce=_err)
+    if opts.get("bundle"):
+        raise TinyVError("give either --bundle or the checkpoint options (--phi2 ...), not both")
+    given = checkpoint_sources(opts, "a TinyGPT-V model")
+    from tinyv.export.reference import TinyGPTV
 
-            if opts.get("threads"):
-                import torch
+    if opts.get("threads"):
+        import torch
 
-                torch.set_num_threads(opts["threads"])
-            self.model = TinyGPTV.from_checkpoints(**given, image_size=opts.get("image_size"), preset=opts.get("preset"))
-        else:
-            import tinyv
-
-            self.engine = tinyv.load(opts.get("bundle"), threads=opts.get("threads"), announce=_err)
-
-    def stream(self, image, question=None, task="caption", prompt=None, **sampling):
-        if self.engine is not None:
-            return self.engine.stream(image, question, task=task, prompt=prompt, **sampling)
-        from tinyv.engine.prompts import build_prompt
-
-        if prompt is None:
-            prompt = build_prompt(self.model.config.stage, question, task=task)
-        return self.model.stream(image, prompt, **sampling)
+        torch.set_num_threads(opts["threads"])
+    return TinyGPTV.from_checkpoints(**given, image_size=opts.get("image_size"), preset=opts.get("preset"))
 
 
 def run_options(f):
@@ -114,9 +102,10 @@ def run_images(images, question, task, prompt, as_json, opts):
 
     sampling = _sampling(opts)
     images = expand_images(images)
-    runner = Runner(opts)
+    model = open_model(opts)
     if len(images) == 1:
-        text, tokens, last = _consume(runner.stream(images[0], question, task, prompt, **sampling), echo=not as_json)
+        text, tokens, last = _consume(model.stream(images[0], question, task=task, prompt=prompt, **sampling),
+                                      echo=not as_json)
         click.echo(json.dumps(_record(images[0], text, tokens, last)) if as_json else "")
         return
     from tqdm import tqdm
@@ -124,7 +113,8 @@ def run_images(images, question, task, prompt, as_json, opts):
     failed = 0
     for image in tqdm(images, desc="images", file=sys.stderr, disable=not sys.stderr.isatty()):
         try:
-            text, tokens, last = _consume(runner.stream(image, question, task, prompt, **sampling), echo=False)
+            text, tokens, last = _consume(model.stream(image, question, task=task, prompt=prompt, **sampling),
+                                          echo=False)
         except TinyVError as e:
             failed += 1
             click.echo(json.dumps({"image": image, "error": str(e)}) if as_json else f"{image}: error: {e}")
@@ -165,10 +155,9 @@ def chat(image, as_json, **opts):
     from tinyv.errors import TinyVError
 
     sampling = _sampling(opts)
-    runner = Runner(opts)
-    if runner.engine is None:
+    if any(opts.get(k) for k in CHECKPOINT_OPTIONS):
         raise TinyVError("chat runs a bundle: pass --bundle (or nothing, for the built-in model)")
-    session = runner.engine.session(image)
+    session = open_model(opts).session(image)
     tty = sys.stdin.isatty()
     while True:
         if tty:

@@ -64,10 +64,7 @@ class _TorchSession:
         self.embeds = model.encode_image(image)
 
     def _answer(self, question: str | None, task: str) -> str:
-        from tinyv.engine.prompts import build_prompt
-
-        prompt = build_prompt(self.model.config.stage, question, task=task)
-        steps = self.model.stream(self.embeds, prompt, max_new_tokens=MAX_NEW_TOKENS)
+        steps = self.model.stream(self.embeds, question, task=task, max_new_tokens=MAX_NEW_TOKENS)
         return "".join(s.text for s in steps).strip()
 
     def caption(self) -> str:

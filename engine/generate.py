@@ -1,16 +1,49 @@
-"""Prefill, decode and the streaming loop shared by the fp32 model and the bundle engine."""
+"""The one generation loop: prompt embeddings -> prefill -> sampled tokens streamed as text.
+
+Both front ends call :func:`generate`: the bundle engine (``Engine.stream``, on its worker
+thread) and the fp32 reference model (``TinyGPTV.stream``). A prompt is the text before the
+image, the image's embeddings and the text after it; the part up to and including the image is
+the *prefix*, whose KV cache a :class:`Prefix` keeps so that further questions about the same
+image prefill only their own tokens.
+"""
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
+from tinyv.engine.memory import peak_rss_mb
 from tinyv.engine.phi import KVCache, PhiForCausalLM
 from tinyv.engine.prompts import STOP_STRINGS, cut_at_stop, held_back, split_prompt
+from tinyv.engine.sampling import make_sampler
 from tinyv.engine.tokenizer import StreamDecoder, Tokenizer
+from tinyv.errors import TinyVError
+
+DEFAULT_MAX_NEW_TOKENS = 100
+FINISH_REASONS = ("stop", "eos", "length", "cancelled")
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How many tokens and how they are chosen; the one set of defaults of every front end."""
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    greedy: bool = True
+    temperature: float = 0.6
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise TinyVError("max_new_tokens must be at least 1")
+        self.sampler()  # a bad temperature / top_p / penalty fails here, at the call
+
+    def sampler(self):
+        return make_sampler(self.greedy, self.temperature, self.top_p, self.repetition_penalty, self.seed)
 
 
 @dataclass
@@ -19,27 +52,33 @@ class GenerationStep:
 
     text: str
     token: int | None
-    finish_reason: str | None = None  # "stop" (### seen), "eos", "length", "cancelled"
+    finish_reason: str | None = None  # one of FINISH_REASONS, on the last step
     timings: dict | None = field(default=None)
+
+
+@dataclass
+class Prefix:
+    """The KV cache of a prompt's text-before-image + image, and the logits after it."""
+
+    cache: KVCache
+    length: int
+    logits: torch.Tensor  # [vocab] at the last prefix position
+    prefill_s: float = 0.0  # time its prefill took
+    fresh: bool = True  # not yet used by an answer (whose figures then count its prefill)
 
 
 def build_prompt_embeds(phi: PhiForCausalLM, tok: Tokenizer, prompt: str, image_embeds: torch.Tensor) -> torch.Tensor:
     """Each text segment tokenized on its own (no BOS), image embeddings between: [1, L, hidden]."""
     before, after = split_prompt(prompt)
-    parts = [
-        phi.embed(torch.tensor([tok.encode(before)], dtype=torch.long)),
-        image_embeds.float(),
-        phi.embed(torch.tensor([tok.encode(after)], dtype=torch.long)),
-    ]
-    return torch.cat(parts, dim=1)
+    return torch.cat([prefix_embeds(phi, tok, before, image_embeds), embed_text(phi, tok, after)], dim=1)
 
 
-def peak_rss_mb() -> float:
-    import resource
-    import sys
+def embed_text(phi: PhiForCausalLM, tok: Tokenizer, text: str) -> torch.Tensor:
+    return phi.embed(torch.tensor([tok.encode(text)], dtype=torch.long))
 
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / (1024 * 1024) if sys.platform == "darwin" else kb / 1024
+
+def prefix_embeds(phi: PhiForCausalLM, tok: Tokenizer, before: str, image_embeds: torch.Tensor) -> torch.Tensor:
+    return torch.cat([embed_text(phi, tok, before), image_embeds.float()], dim=1)
 
 
 @torch.inference_mode()
@@ -48,58 +87,98 @@ def prefill(phi: PhiForCausalLM, embeds: torch.Tensor, cache: KVCache | None, po
     return phi.logits(phi(embeds, pos, cache)[0, -1])
 
 
-@contextmanager
-def decode_threads():
-    """The quantized kernels keep every thread; torch's own (tiny, M = 1) ops run on one, so its
-    spinning OpenMP workers do not take the cores from the kernels' threads."""
-    from tinyv.kernels import native
-
-    n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    prev = native.pin_threads(n)
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-        native.pin_threads(prev)
-
-
 @torch.inference_mode()
 def decode_one(phi: PhiForCausalLM, token: int, pos: int, cache: KVCache) -> torch.Tensor:
     """One token at position ``pos`` against the cache; logits [vocab] for the next."""
-    with decode_threads():
-        emb = phi.embed(torch.tensor([[token]], dtype=torch.long))
-        return phi.logits(phi(emb, pos, cache)[0, -1])
+    emb = phi.embed(torch.tensor([[token]], dtype=torch.long))
+    return phi.logits(phi(emb, pos, cache)[0, -1])
 
 
-def stream_tokens(
+@torch.inference_mode()
+def prefill_prefix(phi: PhiForCausalLM, tok: Tokenizer, before: str, image_embeds: torch.Tensor,
+                   room: int = 0) -> Prefix:
+    """Prefill text-before-image + image into a new cache with ``room`` more positions after it."""
+    t0 = time.perf_counter()
+    embeds = prefix_embeds(phi, tok, before, image_embeds)
+    n = embeds.shape[1]
+    cache = phi.new_cache(max(n, min(n + room, phi.cfg.max_positions)))
+    logits = prefill(phi, embeds, cache, 0)
+    return Prefix(cache, n, logits, time.perf_counter() - t0)
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """Torch's intra-op thread count for the calling thread while inside (None: unchanged)."""
+    prev = torch.get_num_threads()
+    if n is None or n == prev:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def generate(
     phi: PhiForCausalLM,
     tokenizer: Tokenizer,
-    cache: KVCache,
-    first_logits: torch.Tensor,
-    start_pos: int,
-    max_new_tokens: int,
-    sampler,
+    before: str,
+    image_embeds: torch.Tensor,
+    after: str,
+    options: GenerationOptions = GenerationOptions(),
+    *,
+    prefix: Prefix | None = None,
     stop_strings=STOP_STRINGS,
-    stop_event=None,
+    should_stop: Callable[[], bool] | None = None,
+    decode_threads: int | None = None,
     timings: dict | None = None,
 ) -> Iterator[GenerationStep]:
-    """Sample from ``first_logits`` on and stream text deltas until a stop string, eos or the limit.
+    """Stream the answer to ``before <image> after`` as ``GenerationStep`` records.
 
-    ``start_pos`` is the position of the first new token. Text that could be the start of a stop
-    string is held back until it is known not to be one. ``timings`` (image/prefill figures
-    measured by the caller, with ``t0`` and ``t_first``) are completed and put on the last step.
+    ``prefix`` (from :func:`prefill_prefix` on the same ``before`` and image) is used instead of
+    prefilling them: only ``after`` is prefilled. ``should_stop()`` is asked after every token (finish "cancelled").
+    ``decode_threads`` sets torch's thread count for the decode phase (the quantized kernels keep
+    their own threads, and torch's tiny M = 1 ops gain nothing from a spinning pool). ``timings``
+    from the caller (e.g. ``image_ms``) are completed and put on the last step.
+    """
+    limit = phi.cfg.max_positions
+    ids = tokenizer.encode(after)
+    if prefix is None:
+        prefix = prefill_prefix(phi, tokenizer, before, image_embeds, room=len(ids) + options.max_new_tokens)
+    reused, prefix.fresh = not prefix.fresh, False
+    t0 = time.perf_counter()
+    L = prefix.length + len(ids)
+    if L >= limit:
+        raise TinyVError(f"the prompt is {L} tokens (image included) but the model's context is {limit}; "
+                         "shorten the question")
+    max_new = min(options.max_new_tokens, limit - L)
+    cache = prefix.cache
+    cache.truncate(prefix.length)  # forget an earlier question and answer on this prefix
+    cache.ensure(L + max_new)
+    logits = prefill(phi, embed_text(phi, tokenizer, after), cache, prefix.length) if ids else prefix.logits
+    t_first = time.perf_counter()
+    prefilled = len(ids) + (0 if reused else prefix.length)
+    prefill_s = (t_first - t0) + (0.0 if reused else prefix.prefill_s)
+    figures = {"image_ms": 0.0, **(timings or {}), "prefix_reused": reused, "prefix_tokens": prefix.length,
+               "prompt_tokens": L, "prefilled_tokens": prefilled, "prefill_tok_s": prefilled / max(prefill_s, 1e-9)}
+    figures["ttft_ms"] = prefill_s * 1000 + figures["image_ms"]
+    with torch_threads(decode_threads):
+        yield from _decode(phi, tokenizer, cache, logits, L, max_new, options.sampler(), stop_strings, should_stop,
+                           figures, t_first)
+
+
+def _decode(phi, tokenizer, cache, logits, start_pos, max_new_tokens, sampler, stop_strings, should_stop,
+            figures, t_first) -> Iterator[GenerationStep]:
+    """Sample from ``logits`` on until a stop string, eos, the limit or ``should_stop``.
+
+    Text that could be the start of a stop string is held back until it is known not to be one.
     """
     decoder = StreamDecoder(tokenizer)
     generated: list[int] = []
     emitted = ""
-    logits = first_logits
     finish = None
     delta, token = "", None
-    t_first = time.perf_counter() if timings is None else timings.get("_t_first", time.perf_counter())
     # no inference mode around the loop: a generator suspended at ``yield`` inside one would leave
     # it switched on in the caller (autograd off for the rest of the thread if the stream is dropped)
     while finish is None:
@@ -116,7 +195,7 @@ def stream_tokens(
                 finish = "stop"
             elif len(generated) >= max_new_tokens:
                 finish = "length"
-            elif stop_event is not None and stop_event.is_set():
+            elif should_stop is not None and should_stop():
                 finish = "cancelled"
             safe = text if finish else text[: len(text) - held_back(text, stop_strings)]
             delta = safe[len(emitted):] if safe.startswith(emitted) else ""
@@ -126,12 +205,10 @@ def stream_tokens(
             logits = decode_one(phi, token, start_pos + len(generated) - 1, cache)
     t_end = time.perf_counter()
     n_decode = len(generated) - 1
-    out = {k: v for k, v in (timings or {}).items() if not k.startswith("_")}
-    out.update({
+    figures.update({
         "new_tokens": len(generated),
         "decode_tok_s": n_decode / (t_end - t_first) if n_decode > 0 else None,
         "peak_rss_mb": peak_rss_mb(),
+        "total_ms": figures["ttft_ms"] + (t_end - t_first) * 1000,
     })
-    if timings and "_t0" in timings:
-        out["total_ms"] = (t_end - timings["_t0"]) * 1000
-    yield GenerationStep(delta, token, finish, out)
+    yield GenerationStep(delta, token, finish, figures)

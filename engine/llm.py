@@ -29,7 +29,7 @@ def stored_keys(name: str, qcfg: QuantConfig) -> tuple[str, ...]:
     return (f"{name}.weight",) if qcfg.bits == 16 else (f"{name}.qweight", f"{name}.scales")
 
 
-def build_quant_phi(cfg: PhiConfig, tensors: Mapping[str, torch.Tensor], qcfg: QuantConfig) -> PhiForCausalLM:
+def build_quant_phi(cfg: PhiConfig, tensors: Mapping[str, torch.Tensor], qcfg: QuantConfig, kernels=None) -> PhiForCausalLM:
     """A ``PhiForCausalLM`` whose Linears are ``QuantLinear`` over ``tensors`` (not copied)."""
     with torch.device("meta"):
         phi = PhiForCausalLM(cfg)

@@ -19,10 +19,9 @@ from tinyv.engine.config import TinyGPTVConfig
 from tinyv.errors import TinyVError
 from tinyv.engine.image import preprocess
 from tinyv.engine.phi import PhiForCausalLM
-from tinyv.engine.generate import GenerationStep, build_prompt_embeds, prefill, stream_tokens
-from tinyv.engine.prompts import STOP_STRINGS, build_prompt, split_prompt
+from tinyv.engine.generate import GenerationOptions, GenerationStep, build_prompt_embeds, generate
+from tinyv.engine.prompts import PromptFormat
 from tinyv.export.qformer import QFormer
-from tinyv.engine.sampling import make_sampler
 from tinyv.engine.tokenizer import Tokenizer
 from tinyv.export.eva_vit import EVAViT, FP32LayerNorm
 
@@ -101,56 +100,30 @@ class TinyGPTV(nn.Module):
             )
 
     # -- generation ----------------------------------------------------------------------------
-    @torch.inference_mode()
-    def stream(
-        self,
-        image,
-        prompt: str | None = None,
-        *,
-        question: str | None = None,
-        max_new_tokens: int = 500,
-        greedy: bool = True,
-        temperature: float = 0.6,
-        top_p: float = 0.9,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        stop_strings=STOP_STRINGS,
-    ) -> Iterator[GenerationStep]:
+    def stream(self, image, question: str | None = None, *, task: str = "caption", prompt: str | None = None,
+               stop_event=None, **options) -> Iterator[GenerationStep]:
         """Stream the answer as ``GenerationStep`` records; the last one carries the timings.
 
-        ``image`` is a PIL image, path, bytes, or precomputed embeddings [1, Q, hidden].
-        ``prompt`` is a raw template with <ImageHere>; without one, ``question`` (or a caption
-        request) is put into the stage's chat template.
+        The same call as ``Engine.stream`` (same options and defaults, the same generation loop);
+        ``image`` may also be precomputed embeddings [1, Q, hidden].
         """
-        if max_new_tokens < 1:
-            raise TinyVError("max_new_tokens must be at least 1")
+        opts = GenerationOptions(**options)
         tok = self._need_tokenizer()
-        sampler = make_sampler(greedy, temperature, top_p, repetition_penalty, seed)
-        prompt = prompt if prompt is not None else build_prompt(self.config.stage, question)
+        fmt = PromptFormat.for_stage(self.config.stage)
+        before, after = fmt.split(question, task, prompt)
         t0 = time.perf_counter()
         image_embeds = self._image_embeds(image)
-        t_image = time.perf_counter()
-        embeds = self.prompt_embeds(prompt, image_embeds)
-        L = embeds.shape[1]
-        self._check_length(L)
-        max_new_tokens = min(max_new_tokens, self.config.phi.max_positions - L)
-        cache = self.phi.new_cache(L + max_new_tokens)
-        logits = prefill(self.phi, embeds, cache)
-        t_first = time.perf_counter()
-        timings = {
-            "image_ms": (t_image - t0) * 1000,
-            "ttft_ms": (t_first - t0) * 1000,
-            "prompt_tokens": L,
-            "prefill_tok_s": L / max(t_first - t_image, 1e-9),
-            "_t0": t0,
-            "_t_first": t_first,
-        }
-        yield from stream_tokens(self.phi, tok, cache, logits, L, max_new_tokens, sampler, stop_strings, timings=timings)
+        timings = {"image_ms": (time.perf_counter() - t0) * 1000, "image_cached": False}
+        should_stop = None if stop_event is None else stop_event.is_set
+        return generate(self.phi, tok, before, image_embeds, after, opts, stop_strings=fmt.stop_strings,
+                        should_stop=should_stop, timings=timings)
 
     def generate(self, image, prompt: str | None = None, max_new_tokens: int = 20, greedy: bool = True, **kw) -> list[int]:
-        """The new token ids (the one that ended generation included, as transformers does)."""
-        return [s.token for s in self.stream(image, prompt, max_new_tokens=max_new_tokens, greedy=greedy, **kw)]
+        """The new token ids for a raw ``prompt`` (default: the caption prompt), the one that ended
+        generation included, as transformers does."""
+        steps = self.stream(image, prompt=prompt, max_new_tokens=max_new_tokens, greedy=greedy, **kw)
+        return [s.token for s in steps]
 
     def caption(self, image, question: str | None = None, **kw) -> str:
         """The answer's text, cut at the stop string and stripped."""
-        return "".join(s.text for s in self.stream(image, question=question, **kw)).strip()
+        return "".join(s.text for s in self.stream(image, question, **kw)).strip()

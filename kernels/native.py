@@ -173,3 +173,10 @@ def qgemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: in
     if rc != 0:
         raise ValueError(f"qgemm cannot take M={M} N={N} K={K} bits={bits} group={group_size}")
     return y.reshape(*x.shape[:-1], N)
+
+
+def open_kernels(threads=None, setting=None):  # TEMPORARY bridge until the Kernels object lands
+    if not available():
+        return None
+    pin_threads(threads or torch.get_num_threads())
+    return lib()

@@ -57,6 +57,14 @@ def scene():
 
 
 @pytest.fixture(scope="session")
+def other_image():
+    img = Image.new("RGB", (100, 140), (240, 240, 200))
+    d = ImageDraw.Draw(img)
+    d.polygon([(10, 120), (50, 20), (90, 120)], fill=(20, 160, 40))
+    return img
+
+
+@pytest.fixture(scope="session")
 def scene_path(scene, tmp_path_factory):
     path = tmp_path_factory.mktemp("img") / "scene.png"
     scene.save(path)

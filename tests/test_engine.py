@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ import tinyv
 from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
-import tinyv.engine.engine as engine_mod
+import tinyv.engine.generate as generate_mod
 from tinyv import TinyVError
 from tinyv.cli.main import cli
 from tinyv.engine.bundle import LLM_FILE
@@ -27,7 +26,6 @@ from tinyv.engine.engine import Engine
 from tinyv.engine.generate import prefill
 from tinyv.engine.generate import build_prompt_embeds
 from tinyv.engine.prompts import build_prompt
-from tinyv.export.bundle import export_bundle
 
 N = 24  # new tokens for the parity checks
 VQA_Q = "what colour is the circle?"
@@ -40,29 +38,18 @@ pytestmark = pytest.mark.usefixtures("isolated_cache", "one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def bundle_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("engine-bundles")
-
-
-def _bundle(tiny_paths, root, bits):
-    out = root / f"b{bits}"
-    export_bundle(**tiny_paths.as_kwargs(), out=str(out), preset="tiny", bits=bits, vision="fp32")
-    return str(out)
+def b16(tiny_bundle):
+    return tiny_bundle(16)
 
 
 @pytest.fixture(scope="module")
-def b16(tiny_paths, bundle_root):
-    return _bundle(tiny_paths, bundle_root, 16)
+def b8(tiny_bundle):
+    return tiny_bundle(8)
 
 
 @pytest.fixture(scope="module")
-def b8(tiny_paths, bundle_root):
-    return _bundle(tiny_paths, bundle_root, 8)
-
-
-@pytest.fixture(scope="module")
-def b4(tiny_paths, bundle_root):
-    return _bundle(tiny_paths, bundle_root, 4)
+def b4(tiny_bundle):
+    return tiny_bundle(4)
 
 
 @pytest.fixture(scope="module")
@@ -73,14 +60,6 @@ def e16(b16):
 @pytest.fixture(scope="module")
 def e4(b4):
     return Engine.load(b4, cache_dir=None)
-
-
-@pytest.fixture(scope="module")
-def other_image():
-    img = Image.new("RGB", (100, 140), (240, 240, 200))
-    d = ImageDraw.Draw(img)
-    d.polygon([(10, 120), (50, 20), (90, 120)], fill=(20, 160, 40))
-    return img
 
 
 @pytest.fixture(scope="module")
@@ -105,11 +84,13 @@ def test_16bit_bundle_greedy_tokens_identical_to_fp32_model(e16, tiny_model, sce
     ref = tiny_model.generate(scene, build_prompt(4), max_new_tokens=N)
     got, _, last = _run(e16, scene, max_new_tokens=N)
     assert got == ref
-    assert last.finish_reason in ("length", "eos", "stop")
+    assert last.finish_reason == list(tiny_model.stream(scene, max_new_tokens=N))[-1].finish_reason
     ref_vqa = tiny_model.generate(scene, build_prompt(4, VQA_Q, task="vqa"), max_new_tokens=N)
-    got_vqa, _, _ = _run(e16, scene, VQA_Q, task="vqa", max_new_tokens=N)
+    got_vqa, _, last_vqa = _run(e16, scene, VQA_Q, task="vqa", max_new_tokens=N)
     assert got_vqa == ref_vqa
-    assert got_vqa[:3] != got[:3] or got_vqa != got  # the question reached the model
+    # the question reached the model: the prompt is the VQA template's, token for token
+    vqa_len = tiny_model.prompt_embeds(build_prompt(4, VQA_Q, task="vqa"), tiny_model.encode_image(scene)).shape[1]
+    assert last_vqa.timings["prompt_tokens"] == vqa_len > last.timings["prompt_tokens"]
     # a free question goes into the chat template like the model's build_prompt(4, q)
     q = "how many shapes are there?"
     assert _run(e16, scene, q, max_new_tokens=8)[0] == tiny_model.generate(scene, build_prompt(4, q), max_new_tokens=8)
@@ -193,24 +174,23 @@ def test_session_reuse_equals_fresh_runs(e16, scene):
         seen.append(steps[-1].timings)
     t1, t2, t3 = seen
     assert t1["prefix_reused"] is False and t1["prefilled_tokens"] == t1["prompt_tokens"]
-    own = len(e16.tokenizer.encode(s._after_text(q2, "caption")))
+    own = len(e16.tokenizer.encode(e16.prompt_format.split(q2)[1]))
     assert t2["prefix_reused"] is True and t2["prefilled_tokens"] == own
-    assert t2["prompt_tokens"] == t2["prefix_tokens"] + own == s.prefix_len + own
+    assert t2["prompt_tokens"] == t2["prefix_tokens"] + own == t1["prefix_tokens"] + own
     assert t2["image_ms"] == 0 and t3["image_ms"] == 0 and t3["prefix_reused"] is True
-    assert t3["prefilled_tokens"] == len(e16.tokenizer.encode(s._after_text(q1, "caption")))
+    assert t3["prefilled_tokens"] == len(e16.tokenizer.encode(e16.prompt_format.split(q1)[1]))
     # vqa questions and captions through the same session, too
     assert s.ask(VQA_Q, max_new_tokens=6) == e16.ask(scene, VQA_Q, max_new_tokens=6)
     assert s.caption(max_new_tokens=6) == e16.caption(scene, max_new_tokens=6)
 
 
 def test_interleaved_streams_on_one_session(e16, scene):
-    """Two streams of one session open at once in one thread (the engine's lock is reentrant, so
-    it does not keep them apart): the second must be refused, or both answers must be right —
-    never a silently wrong first answer from a KV cache the second one truncated."""
+    """Two streams open at once in one thread, on separate sessions and on one session (which
+    shares one KV cache): the engine's worker runs them one after the other, so both answers are
+    exactly the fresh ones — never one continued over a cache the other truncated."""
     q1, q2 = "what is on the left?", "how many shapes are there?"
     fresh1 = _run(e16, scene, q1, max_new_tokens=10)[0]
     fresh2 = _run(e16, scene, q2, max_new_tokens=10)[0]
-    # different engine.stream calls are independent sessions: interleaving them is fine
     g1, g2 = e16.stream(scene, q1, max_new_tokens=10), e16.stream(scene, q2, max_new_tokens=10)
     a, b = [next(g1).token, next(g1).token], [x.token for x in g2]
     a += _tokens(g1)
@@ -218,14 +198,9 @@ def test_interleaved_streams_on_one_session(e16, scene):
     s = e16.session(scene)
     g1 = s.stream(q1, max_new_tokens=10)
     a = [next(g1).token, next(g1).token]
-    try:
-        b = _tokens(s.stream(q2, max_new_tokens=10))
-    except TinyVError:
-        g1.close()
-        return
+    b = _tokens(s.stream(q2, max_new_tokens=10))
     a += _tokens(g1)
-    assert b == fresh2
-    assert a == fresh1, "the first answer went on over a KV cache the second question overwrote"
+    assert (a, b) == (fresh1, fresh2)
 
 
 # -- image cache ---------------------------------------------------------------------------------
@@ -265,8 +240,20 @@ def test_image_cache_hits_skip_the_vision_graph(b16, scene, scene_path, tmp_path
     # use_cache=False always runs the graph
     engine2.encode_image(data, use_cache=False)
     assert counter2.runs == 1
-    # another bundle (another vision graph hash) never reuses these embeddings
-    assert engine2.vision_id == engine.vision_id
+
+
+
+def test_image_cache_is_keyed_by_the_vision_graph(b16, tiny_bundle, scene_path, tmp_path):
+    """A bundle with another vision graph (int8 here) never reuses the fp32 graph's embeddings."""
+    folder = str(tmp_path / "emb")
+    fp32 = Engine.load(b16, cache_dir=folder)
+    a, _ = fp32.encode_image(scene_path)
+    int8 = Engine.load(tiny_bundle(8, "int8"), cache_dir=folder)
+    int8.vision = counter = CountingSession(int8.vision)
+    assert int8.vision_id != fp32.vision_id
+    b, cached = int8.encode_image(scene_path)
+    assert cached is False and counter.runs == 1 and not torch.equal(a, b)
+    assert int8.encode_image(scene_path)[1] is True  # its own entry is reused
 
 
 def test_image_cache_first_then_cached_in_timings(b16, other_image, tmp_path):
@@ -279,44 +266,7 @@ def test_image_cache_first_then_cached_in_timings(b16, other_image, tmp_path):
     assert engine.cache.folder is None and engine.cache.entries() == []
 
 
-# -- cancellation --------------------------------------------------------------------------------
-
-def _lock_free(engine):
-    """Whether another thread can take the engine's lock right now (no waiting)."""
-    got = []
-
-    def probe():
-        ok = engine._lock.acquire(blocking=False)
-        got.append(ok)
-        if ok:
-            engine._lock.release()
-
-    t = threading.Thread(target=probe)
-    t.start()
-    t.join()
-    return got[0]
-
-
-def test_closing_the_generator_releases_the_lock(e16, scene, other_image):
-    expected = _run(e16, other_image, max_new_tokens=5)[0]
-    gen = e16.stream(scene, max_new_tokens=50)
-    first = next(gen)
-    assert first.token is not None
-    assert not _lock_free(e16)  # a streaming call holds the engine
-    gen.close()
-    assert _lock_free(e16)
-    out = []
-    t = threading.Thread(target=lambda: out.append(_run(e16, other_image, max_new_tokens=5)[0]))
-    t.start()
-    t.join(timeout=60)
-    assert not t.is_alive() and out == [expected]
-    assert _run(e16, other_image, max_new_tokens=5)[0] == expected  # and in this thread
-    # an abandoned (garbage-collected) generator releases it too
-    gen = e16.stream(scene, max_new_tokens=50)
-    next(gen)
-    del gen
-    assert _lock_free(e16)
-
+# -- cancellation (closing, dropping, timeouts and threads: test_concurrency.py) ----------------
 
 def test_stop_event_cancels_promptly(e16, scene):
     ev = threading.Event()
@@ -341,61 +291,11 @@ def test_stop_event_cancels_promptly(e16, scene):
     t.join()
     steps.extend(gen)
     assert steps[-1].finish_reason == "cancelled" and len(steps) <= 3
-    assert _lock_free(e16)
-
-
-# -- two engines, threads ------------------------------------------------------------------------
-
-def test_two_engines_in_one_process(e16, e4, scene):
-    ref16 = _run(e16, scene, max_new_tokens=12)[0]
-    ref4 = _run(e4, scene, max_new_tokens=12)[0]
-    assert e16.bundle != e4.bundle and e16.weight_bytes > e4.weight_bytes
-    # interleaved step by step in one thread
-    g16, g4 = e16.stream(scene, max_new_tokens=12), e4.stream(scene, max_new_tokens=12)
-    a, b = [], []
-    for s16, s4 in zip(g16, g4):
-        a.append(s16.token)
-        b.append(s4.token)
-    a += _tokens(g16)
-    b += _tokens(g4)
-    assert (a, b) == (ref16, ref4)
-    # and at the same time from two threads
-    out = {}
-    ts = [threading.Thread(target=lambda e=e, k=k: out.__setitem__(k, _run(e, scene, max_new_tokens=12)[0]))
-          for k, e in (("16", e16), ("4", e4))]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(timeout=120)
-    assert out == {"16": ref16, "4": ref4}
-
-
-def test_one_engine_from_four_threads(e4, scene, other_image):
-    jobs = [(scene, None), (other_image, None), (scene, "how many shapes?"), (other_image, "what colour?")]
-    sequential = [_run(e4, img, q, max_new_tokens=10)[0] for img, q in jobs]
-    results = [None] * 4
-    errors = []
-    barrier = threading.Barrier(4)
-
-    def work(i):
-        try:
-            barrier.wait()
-            img, q = jobs[i]
-            results[i] = [s.token for s in e4.stream(img, q, max_new_tokens=10)]
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
-    ts = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(timeout=120)
-    assert not errors and results == sequential
 
 
 # -- errors --------------------------------------------------------------------------------------
 
-def test_bad_images(e16, tmp_path):
+def test_bad_images(e16, scene, tmp_path):
     with pytest.raises(TinyVError, match="cannot read the given bytes as an image"):
         list(e16.stream(b"definitely not an image", max_new_tokens=2))
     with pytest.raises(TinyVError, match="image not found"):
@@ -406,7 +306,7 @@ def test_bad_images(e16, tmp_path):
         e16.caption(str(bad))
     with pytest.raises(TinyVError, match="expected an image path"):
         e16.caption(12345)
-    assert _lock_free(e16)  # errors release the engine
+    assert _run(e16, scene, max_new_tokens=4)[0] == _run(e16, scene, max_new_tokens=4)[0]  # still serving
 
 
 def test_bad_bundles(b4, tmp_path):
@@ -430,6 +330,7 @@ def test_bad_bundles(b4, tmp_path):
 
 
 def test_bad_requests(e16, scene):
+    expected = _run(e16, scene, max_new_tokens=2)[0]
     long_q = " square" * 2100
     with pytest.raises(TinyVError, match="context is 2048"):
         list(e16.stream(scene, long_q))
@@ -447,23 +348,22 @@ def test_bad_requests(e16, scene):
         e16.stream(scene, prompt="no placeholder")
     with pytest.raises(TinyVError, match="sampling options"):
         e16.stream(scene, greedy=False, top_p=0)
-    assert _lock_free(e16)
-    assert _run(e16, scene, max_new_tokens=2)[2].finish_reason in ("length", "eos", "stop")  # still works
+    assert _run(e16, scene, max_new_tokens=2)[0] == expected  # the engine still serves, unchanged
 
 
 def _scripted(monkeypatch, ids):
     it = iter(ids)
-    monkeypatch.setattr(engine_mod, "make_sampler", lambda *a, **k: (lambda logits, hist: next(it)))
+    monkeypatch.setattr(generate_mod, "make_sampler", lambda *a, **k: (lambda logits, hist: next(it)))
 
 
 def test_max_new_tokens_capped_by_the_context(e16, scene, monkeypatch):
     tok = e16.tokenizer
     s = e16.session(scene)
-    list(s.stream("x", max_new_tokens=1))  # prefix prefilled: its length is known
+    prefix_len = list(s.stream("x", max_new_tokens=1))[-1].timings["prefix_tokens"]
     limit = e16.config.phi.max_positions
 
     def length(n):
-        return s.prefix_len + len(tok.encode(s._after_text("cat " * n, "caption")))
+        return prefix_len + len(tok.encode(e16.prompt_format.split("cat " * n)[1]))
 
     lo, hi = 1, limit  # the most words that still leave room for one token
     while lo < hi:
@@ -628,19 +528,16 @@ def test_engine_imports_no_heavy_libraries():
     assert out.stdout.strip() == "[]"
 
 
-def _timed(args):
-    t = time.perf_counter()
-    out = subprocess.run(args, capture_output=True, text=True, timeout=60)
-    return out, time.perf_counter() - t
+def _python(*args):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120)
 
 
-def test_help_is_fast():
+def test_help_imports_no_torch():
+    """``tinyv --help`` stays fast by not importing torch (or the model) at all."""
     # what the `tinyv` console script runs (tinyv.cli.main:main)
-    out, elapsed = _timed([sys.executable, "-c", "from tinyv.cli.main import main; main()", "--help"])
-    print(f"\n[tinyv --help] {elapsed:.2f} s")
+    out = _python("-c", "from tinyv.cli.main import main; main()", "--help")
     assert out.returncode == 0, out.stderr
     assert all(c in out.stdout for c in ("caption", "ask", "chat", "bench", "cache", "export"))
-    assert elapsed < 5.0
     out = subprocess.run([sys.executable, "-c", "import sys, tinyv.cli.main; print('torch' in sys.modules)"],
                          capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False"
@@ -649,9 +546,8 @@ def test_help_is_fast():
 def test_python_m_cli_main_has_the_commands():
     """``python -m tinyv.cli.main`` runs the module as __main__: its commands must be registered
     on the group it invokes (the command modules import ``tinyv.cli.main``, a second copy)."""
-    out, elapsed = _timed([sys.executable, "-m", "tinyv.cli.main", "--help"])
-    print(f"\n[python -m tinyv.cli.main --help] {elapsed:.2f} s")
-    assert out.returncode == 0 and elapsed < 5.0
+    out = _python("-m", "tinyv.cli.main", "--help")
+    assert out.returncode == 0, out.stderr
     assert "caption" in out.stdout and "chat" in out.stdout, out.stdout
 
 

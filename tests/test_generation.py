@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import tinyv.export.reference as model_mod
+import tinyv.engine.generate as generate_mod
 from tinyv import TinyVError
 from tinyv.engine.prompts import (
     STAGE4_CHAT, build_prompt, cut_at_stop, held_back, split_prompt,
@@ -109,7 +109,7 @@ def test_stop_string_helpers():
 def _scripted(monkeypatch, ids):
     """Make the model 'choose' these ids in order, whatever its logits."""
     it = iter(ids)
-    monkeypatch.setattr(model_mod, "make_sampler", lambda *a, **k: (lambda logits, hist: next(it)))
+    monkeypatch.setattr(generate_mod, "make_sampler", lambda *a, **k: (lambda logits, hist: next(it)))
 
 
 def test_stream_stops_at_hashes_and_never_streams_them(tiny_model, scene, monkeypatch):
