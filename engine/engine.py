@@ -26,6 +26,7 @@ from tinyv.engine.config import PhiConfig, TinyGPTVConfig
 from tinyv.engine.generate import GenerationOptions, GenerationStep, Prefix, generate, prefill_prefix
 from tinyv.engine.image import preprocess
 from tinyv.engine.llm import build_quant_phi, weight_bytes
+from tinyv.engine.prefix_cache import DEFAULT_MAX_BYTES as DEFAULT_PREFIX_BYTES, PrefixCache
 from tinyv.engine.prompts import PromptFormat
 from tinyv.engine.tokenizer import Tokenizer
 from tinyv.engine.worker import Stream, Worker
@@ -37,12 +38,13 @@ _CACHE_DEFAULT = object()
 
 class Engine:
     def __init__(self, bundle: str, manifest: dict, phi, tokenizer: Tokenizer, open_vision, cache: EmbeddingCache,
-                 threads: int | None = None, kernels=None):
+                 threads: int | None = None, kernels=None, prefix_cache_bytes: int = DEFAULT_PREFIX_BYTES):
         self.bundle, self.manifest = bundle, manifest
         self.config = TinyGPTVConfig.from_dict(manifest["model"])
         self.phi, self.tokenizer, self.kernels = phi, tokenizer, kernels
         self._open_vision, self._vision = open_vision, None
         self.cache, self.threads = cache, threads
+        self.prefixes = PrefixCache(prefix_cache_bytes)
         self.quant = QuantConfig.from_dict(manifest["quantization"])
         vision_file = manifest["vision"]["file"]
         # cache namespace: what the embeddings depend on (the vision graph and its input size)
@@ -55,12 +57,14 @@ class Engine:
     # -- loading -----------------------------------------------------------------------------------
     @classmethod
     def load(cls, bundle, threads: int | None = None, vision_threads: int | None = None, *, verify: bool = False,
-             cache_dir=_CACHE_DEFAULT, cache_max_bytes: int | None = None) -> "Engine":
+             cache_dir=_CACHE_DEFAULT, cache_max_bytes: int | None = None,
+             prefix_cache_bytes: int = DEFAULT_PREFIX_BYTES) -> "Engine":
         """Load ``bundle`` (a folder from ``tinyv export``; ``tinyv.load()`` also knows the built-in model).
 
         ``threads``: CPU threads for the model (default: torch's). ``cache_dir=None`` keeps image
         embeddings in memory only; ``verify`` checks every file's sha256 (sizes and format are
-        always checked).
+        always checked). ``prefix_cache_bytes`` bounds the KV kept of recent images' prompt
+        prefixes (0: none kept).
         """
         from tinyv.engine.vision_onnx import open_session
         from tinyv.engine.weights import mmap_safetensors
@@ -81,7 +85,7 @@ class Engine:
         folder = default_cache_folder() if cache_dir is _CACHE_DEFAULT else cache_dir
         cache = EmbeddingCache(folder, **({"max_bytes": cache_max_bytes} if cache_max_bytes else {}))
         return cls(bundle, manifest, phi, tokenizer, lambda: open_session(vision_path, threads=vision_threads or threads),
-                   cache, threads, kernels)
+                   cache, threads, kernels, prefix_cache_bytes)
 
     def close(self) -> None:
         """Finish the queued work and let the worker thread end; the engine takes no new calls."""
@@ -130,9 +134,9 @@ class Engine:
         """Embeddings [1, Q, hidden] for an image (path, bytes or PIL), and whether they were cached."""
         return self._worker.call(lambda: self._encode(image, use_cache), timeout)
 
-    def _encode(self, image, use_cache: bool = True) -> tuple[torch.Tensor, bool]:
-        """On the worker: the vision graph, or the cache."""
-        key = image_key(image, self.vision_id)
+    def _encode(self, image, use_cache: bool = True, key: str | None = None) -> tuple[torch.Tensor, bool]:
+        """On the worker: the vision graph, or the cache (``key``: the image's, if known)."""
+        key = key or image_key(image, self.vision_id)
         if use_cache:
             hit = self.cache.get(key)
             if hit is not None:
@@ -203,11 +207,17 @@ class Session:
         e = self.engine
         timings = {"image_ms": 0.0, "image_cached": True}
         if self._prefix is None:
-            t0 = time.perf_counter()
-            embeds, timings["image_cached"] = e._encode(self.image)
-            timings["image_ms"] = (time.perf_counter() - t0) * 1000
             room = len(e.tokenizer.encode(after)) + opts.max_new_tokens
-            self._prefix = prefill_prefix(e.phi, e.tokenizer, before, embeds, room=room)
+            t0 = time.perf_counter()
+            key = image_key(self.image, e.vision_id)
+            stored = e.prefixes.get((key, before))
+            if stored is not None:
+                self._prefix = stored.restore(e.phi, room)
+            else:
+                embeds, timings["image_cached"] = e._encode(self.image, key=key)
+                timings["image_ms"] = (time.perf_counter() - t0) * 1000
+                self._prefix = prefill_prefix(e.phi, e.tokenizer, before, embeds, room=room)
+                e.prefixes.put((key, before), self._prefix)
         return generate(e.phi, e.tokenizer, before, None, after, opts, prefix=self._prefix,
                         stop_strings=e.prompt_format.stop_strings, should_stop=should_stop,
                         decode_threads=e.decode_threads, timings=timings)

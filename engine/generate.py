@@ -176,7 +176,7 @@ def _decode(phi, tokenizer, cache, logits, start_pos, max_new_tokens, sampler, s
     """
     decoder = StreamDecoder(tokenizer)
     generated: list[int] = []
-    emitted = ""
+    pending = ""  # decoded, not yet streamed: it could be the start of a stop string
     finish = None
     delta, token = "", None
     # no inference mode around the loop: a generator suspended at ``yield`` inside one would leave
@@ -186,20 +186,18 @@ def _decode(phi, tokenizer, cache, logits, start_pos, max_new_tokens, sampler, s
             token = sampler(logits, generated)
         generated.append(token)
         if token == tokenizer.eos_id:
-            finish = "eos"
-            delta = decoder.text[len(emitted):]  # flush what was held back
+            finish, delta, pending = "eos", pending, ""  # flush what was held back
         else:
-            decoder.push(token)
-            text, stopped = cut_at_stop(decoder.text, stop_strings)
+            # only the held-back tail and the new piece can hold a stop string: constant work per token
+            text, stopped = cut_at_stop(pending + decoder.push(token), stop_strings)
             if stopped:
                 finish = "stop"
             elif len(generated) >= max_new_tokens:
                 finish = "length"
             elif should_stop is not None and should_stop():
                 finish = "cancelled"
-            safe = text if finish else text[: len(text) - held_back(text, stop_strings)]
-            delta = safe[len(emitted):] if safe.startswith(emitted) else ""
-        emitted += delta
+            delta = text if finish else text[: len(text) - held_back(text, stop_strings)]
+            pending = text[len(delta):]
         if finish is None:
             yield GenerationStep(delta, token)
             logits = decode_one(phi, token, start_pos + len(generated) - 1, cache)

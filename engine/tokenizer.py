@@ -89,22 +89,31 @@ def _from_vocab_merges(folder: str):
 
 
 class StreamDecoder:
-    """Turns a growing list of token ids into text deltas.
+    """Turns a growing list of token ids into text deltas, at a cost per token that does not grow
+    with the answer.
 
-    Byte-level BPE can split one UTF-8 character over several tokens, so text is decoded from the
-    whole answer and a trailing incomplete character is held back until it completes.
+    Byte-level BPE can split one UTF-8 character over several tokens, so each new token is decoded
+    together with a short window of the tokens before it (the bytes of a character still being
+    completed), and a trailing incomplete character is held back until it completes. ``text`` is
+    everything emitted so far: equal to decoding all the ids, except a held-back incomplete tail.
     """
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.text = ""
+        self._prefix_at = 0  # window start: ids before it are final text
+        self._read_at = 0  # ids before it have been emitted
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        delta = text[len(self.text) :] if text.startswith(self.text) else text
-        self.text = text
+        decode = self.tokenizer.decode
+        window = self.ids[self._prefix_at:]
+        seen = decode(window[: self._read_at - self._prefix_at])
+        new = decode(window)
+        if new.endswith("\ufffd") or len(new) <= len(seen):
+            return ""  # an incomplete character (or nothing yet): wait for the next token
+        delta = new[len(seen):]
+        self._prefix_at, self._read_at = self._read_at, len(self.ids)
+        self.text += delta
         return delta

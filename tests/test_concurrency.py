@@ -53,7 +53,12 @@ class GatedSampler:
         self.calls, self.gate_at, self.open = 0, gate_at, threading.Event()
 
     def install(self, monkeypatch):
+        self.monkeypatch, self.original = monkeypatch, generate_mod.make_sampler
         monkeypatch.setattr(generate_mod, "make_sampler", lambda *a, **k: self)
+
+    def uninstall(self):
+        """Later calls sample as usual (the job in progress keeps this sampler)."""
+        self.monkeypatch.setattr(generate_mod, "make_sampler", self.original)
 
     def __call__(self, logits, history):
         self.calls += 1
@@ -127,7 +132,7 @@ def test_a_stream_closed_or_dropped_after_one_step_frees_the_engine(e4, scene, o
         del stream
         gc.collect()
     gate.open.set()
-    monkeypatch.undo()  # the next call samples greedily as usual
+    gate.uninstall()
     assert _in_thread(lambda: _tokens(e4.stream(other_image, max_new_tokens=5))) == expected
     assert gate.calls == 2  # the abandoned answer stopped right after the token in progress
 
@@ -146,7 +151,7 @@ def test_a_waiting_caller_with_a_timeout_gets_a_clear_error(e4, scene, other_ima
     assert list(waiting) == []
     gate.open.set()
     assert len(list(busy)) == 3
-    monkeypatch.undo()
+    gate.uninstall()
     assert _tokens(e4.stream(other_image, max_new_tokens=5, timeout=HANG_GUARD_S)) == expected
 
 

@@ -163,7 +163,8 @@ def test_quantized_bundle_next_token_kl_and_agreement(bits, b16, b8, b4, tiny_mo
 
 # -- sessions ------------------------------------------------------------------------------------
 
-def test_session_reuse_equals_fresh_runs(e16, scene):
+def test_session_reuse_equals_fresh_runs(b16, scene):
+    e16 = Engine.load(b16, cache_dir=None, prefix_cache_bytes=0)  # the session alone keeps the prefix
     q1, q2 = "what is on the left?", "how many shapes are there?"
     fresh = {q: _run(e16, scene, q, max_new_tokens=10)[:2] for q in (q1, q2)}
     s = e16.session(scene)
@@ -559,3 +560,39 @@ def test_a_dropped_stream_leaves_autograd_on(e16, scene):
     assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
     stream.close()
     assert torch.is_grad_enabled()
+
+
+# -- prefix KV reuse across calls ------------------------------------------------------------------
+
+def test_a_new_call_on_a_seen_image_prefills_only_its_question(b16, scene, other_image):
+    cold = Engine.load(b16, cache_dir=None, prefix_cache_bytes=0)  # never keeps a prefix
+    warm = Engine.load(b16, cache_dir=None)
+    q1, q2 = "what is on the left?", "how many shapes are there?"
+    for q in (q1, q2, q1):
+        fresh = _run(cold, scene, q, max_new_tokens=10)
+        got = _run(warm, scene, q, max_new_tokens=10)
+        assert got[:2] == fresh[:2] and fresh[2].timings["prefix_reused"] is False
+    t = got[2].timings  # the third call: the prefix came from the cache
+    assert t["prefix_reused"] is True and t["image_ms"] == 0
+    assert t["prefilled_tokens"] == len(warm.tokenizer.encode(warm.prompt_format.split(q1)[1]))
+    assert len(warm.prefixes) == 1 and warm.prefixes.hits == 2 and len(cold.prefixes) == 0
+    # a VQA question and a caption share the same prefix (the template's text before the image)
+    assert warm.ask(scene, VQA_Q, max_new_tokens=6) == cold.ask(scene, VQA_Q, max_new_tokens=6)
+    assert warm.prefixes.hits == 3
+    # another image, another template: new entries, right answers
+    assert _run(warm, other_image, q1, max_new_tokens=8)[0] == _run(cold, other_image, q1, max_new_tokens=8)[0]
+    raw = "###Human: <Img><ImageHere></Img> hi###Assistant: "
+    assert _run(warm, scene, prompt=raw, max_new_tokens=8)[0] == _run(cold, scene, prompt=raw, max_new_tokens=8)[0]
+    assert len(warm.prefixes) == 3 and warm.prefixes.hits == 3
+
+
+def test_the_prefix_cache_keeps_to_its_byte_bound(b16, scene, other_image):
+    probe = Engine.load(b16, cache_dir=None)
+    _run(probe, scene, max_new_tokens=2)
+    one = probe.prefixes.nbytes
+    engine = Engine.load(b16, cache_dir=None, prefix_cache_bytes=one + one // 2)  # room for one entry
+    first = _run(engine, scene, max_new_tokens=6)[0]
+    _run(engine, other_image, max_new_tokens=2)  # evicts the scene's prefix
+    assert len(engine.prefixes) == 1 and engine.prefixes.nbytes <= one + one // 2
+    again = _run(engine, scene, max_new_tokens=6)
+    assert again[0] == first and again[2].timings["prefix_reused"] is False

@@ -170,3 +170,33 @@ def test_caption_strips_and_uses_caption_template(tiny_model, scene, monkeypatch
     tok = tiny_model.tokenizer
     _scripted(monkeypatch, tok.encode(" a red circle ###"))
     assert tiny_model.caption(scene) == "a red circle"
+
+
+MULTILINGUAL = ("A cat sat on the mat. Le chat était là — très « calme ». Die Straße ist grün. "
+                "Кошка спит. 猫が寝ている。 고양이가 잔다. القط نائم. 🐱🐈‍⬛ naïve café, ½ ≠ ∞. ") * 3
+
+
+def test_stream_decoder_equals_a_full_decode_at_every_prefix(tiny_model):
+    tok = tiny_model.tokenizer
+    ids = tok.encode(MULTILINGUAL)
+    assert len(ids) > 200
+    dec = StreamDecoder(tok)
+    for n, i in enumerate(ids, 1):
+        dec.push(i)
+        full = tok.decode(ids[:n])
+        # everything but an incomplete character at the end is out, byte for byte
+        assert dec.text == full.rstrip("\ufffd") if full.endswith("\ufffd") else dec.text == full
+    assert dec.text == MULTILINGUAL
+
+
+def test_stream_decoder_work_per_token_does_not_grow(tiny_model, monkeypatch):
+    """Each push decodes a short window, not the whole answer (an O(n^2) answer otherwise)."""
+    tok = tiny_model.tokenizer
+    ids = tok.encode(MULTILINGUAL)
+    decoded = []
+    real = tok.decode
+    monkeypatch.setattr(tok, "decode", lambda w: decoded.append(len(w)) or real(w))
+    dec = StreamDecoder(tok)
+    for i in ids:
+        dec.push(i)
+    assert max(decoded) <= 8 and dec.text == MULTILINGUAL
