@@ -53,18 +53,19 @@ def run_bench(engine, image=None, runs: int = 3, pp=(64, 512), tg: int = 128, se
         "llm_weight_bytes": wb,
         "achieved_gb_s": wb * out[f"tg{tg}_tok_s"]["mean"] / 1e9,
         "peak_rss_mb": peak_rss_mb(),
-        "kernels": kernels_in_use(int(q["bits"])),
+        "kernels": kernels_in_use(int(q["bits"]), engine.kernels),
         "vision": engine.manifest["vision"]["precision"],
     })
     return out
 
 
-def kernels_in_use(bits: int) -> str:
+def kernels_in_use(bits: int, kernels) -> str:
+    """Which path the engine's quantized layers run (``kernels``: the engine's, or None)."""
     from tinyv.kernels import native
 
     if bits == 16:
         return "torch (16-bit bundle: fp16 weights, no quantized kernels)"
-    return native.describe()
+    return native.describe(kernels)
 
 
 def _bench_vision(engine, image, runs, out, say):

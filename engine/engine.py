@@ -38,12 +38,13 @@ _CACHE_DEFAULT = object()
 
 class Engine:
     def __init__(self, bundle: str, manifest: dict, phi, tokenizer: Tokenizer, open_vision, cache: EmbeddingCache,
-                 threads: int | None = None):
+                 threads: int | None = None, kernels=None):
         self.bundle, self.manifest = bundle, manifest
         self.config = TinyGPTVConfig.from_dict(manifest["model"])
         self.phi, self.tokenizer = phi, tokenizer
         self._open_vision, self._vision = open_vision, None
         self.cache, self.threads = cache, threads
+        self.kernels = kernels  # the compiled kernels phi's layers run on (None: the torch path)
         self.quant = QuantConfig.from_dict(manifest["quantization"])
         files = manifest["files"]
         vision_file = manifest["vision"]["file"]
@@ -64,7 +65,7 @@ class Engine:
         """
         from tinyv.kernels import native
 
-        native.check_setting()  # a mistyped TINYV_KERNELS fails here, before any loading
+        kernels = native.open_kernels(threads)  # a mistyped TINYV_KERNELS fails here, before any loading
         if bundle is None:
             raise TinyVError("name a bundle folder (tinyv.load() with no bundle runs the built-in model)")
         bundle = os.fspath(bundle)
@@ -75,14 +76,14 @@ class Engine:
 
         cfg = PhiConfig.from_dict(manifest["model"]["phi"])
         tensors = mmap_safetensors(os.path.join(bundle, manifest["quantization"].get("llm_file", LLM_FILE)))
-        phi = build_quant_phi(cfg, tensors, QuantConfig.from_dict(manifest["quantization"]))
+        phi = build_quant_phi(cfg, tensors, QuantConfig.from_dict(manifest["quantization"]), kernels=kernels)
         tok_info = manifest["tokenizer"]
         tokenizer = Tokenizer.from_file(os.path.join(bundle, tok_info["file"]), tok_info.get("eos_id"))
         vision_path = os.path.join(bundle, manifest["vision"]["file"])
         folder = default_cache_folder() if cache_dir is _CACHE_DEFAULT else cache_dir
         cache = EmbeddingCache(folder, **({"max_bytes": cache_max_bytes} if cache_max_bytes else {}))
         return cls(bundle, manifest, phi, tokenizer, lambda: open_session(vision_path, threads=vision_threads or threads),
-                   cache, threads)
+                   cache, threads, kernels)
 
     @property
     def vision(self):

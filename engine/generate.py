@@ -50,21 +50,18 @@ def prefill(phi: PhiForCausalLM, embeds: torch.Tensor, cache: KVCache | None, po
 
 @contextmanager
 def decode_threads():
-    """The quantized kernels keep every thread; torch's own (tiny, M = 1) ops run on one, so its
-    spinning OpenMP workers do not take the cores from the kernels' threads."""
-    from tinyv.kernels import native
-
+    """torch's own (tiny, M = 1) ops run on one thread during a decode step, so its spinning
+    OpenMP workers do not take the cores from the quantized kernels' threads (which keep their
+    own count, set when the engine opened them)."""
     n = torch.get_num_threads()
     if n == 1:
         yield
         return
-    prev = native.pin_threads(n)
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(n)
-        native.pin_threads(prev)
 
 
 @torch.inference_mode()
