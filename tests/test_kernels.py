@@ -7,6 +7,7 @@ order: agreement is asserted to 1e-5 of the output's magnitude. A second, looser
 the activation quantization's own error against the plain fp32 product.
 """
 import os
+import threading
 
 import pytest
 import torch
@@ -201,6 +202,84 @@ def test_forked_child_gets_its_own_threads():
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
+
+
+def test_two_kernels_objects_run_side_by_side_without_cross_talk():
+    """Two Kernels objects with different thread counts (and ISAs, where the CPU has two) called
+    at the same time from two Python threads (ctypes releases the GIL) give exactly what each
+    gives alone: no pool, ISA or lock is shared between them."""
+    paths = isas()
+    a, b = opened(paths[-1], threads=2), opened(paths[-2] if len(paths) > 1 else paths[0], threads=3)
+    gen = torch.Generator().manual_seed(13)
+    cases = []
+    for bits, (m, n, k) in ((4, (1, 256, 512)), (8, (7, 130, 384)), (4, (17, 96, 640))):
+        stored = quantize_weight(torch.randn(n, k, generator=gen) * 0.05, QuantConfig(bits, 32))
+        cases.append((torch.randn(m, k, generator=gen), stored, bits))
+
+    def run(kernels):
+        return [kernels.qgemm(x, st["qweight"], st["scales"], bits, 32) for x, st, bits in cases]
+
+    alone = {id(k): run(k) for k in (a, b)}
+    if a.isa != b.isa:  # the ISAs sum in different orders: a leaked ISA would show
+        assert any(not torch.equal(p, q) for p, q in zip(alone[id(a)], alone[id(b)]))
+    start, problems = threading.Barrier(2), []
+
+    def hammer(kernels):
+        try:
+            start.wait()
+            for _ in range(30):
+                if not all(torch.equal(got, want) for got, want in zip(run(kernels), alone[id(kernels)])):
+                    problems.append(f"{kernels!r} differs from its result alone")
+        except Exception as e:  # noqa: BLE001 - reported by the main thread
+            problems.append(f"{kernels!r}: {e!r}")
+
+    workers = [threading.Thread(target=hammer, args=(k,)) for k in (a, b)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert not problems, problems
+
+
+def test_quant_linear_route_is_fixed_at_construction(monkeypatch):
+    """A layer built without kernels stays on the torch path beside native ones, and a native
+    layer does not re-read TINYV_KERNELS when it runs; fp16 weights never go to the int kernels."""
+    gen = torch.Generator().manual_seed(17)
+    cfg = QuantConfig(4, 32)
+    w, b = torch.randn(48, 64, generator=gen), torch.randn(48, generator=gen)
+    stored = quantize_weight(w, cfg)
+    kernels = opened()
+    on_torch = QuantLinear(64, 48, cfg, stored, b)
+    on_kernels = QuantLinear(64, 48, cfg, stored, b, kernels=kernels)
+    fp16 = QuantLinear(64, 48, QuantConfig(16, 32), {"weight": w.half()}, b, kernels=kernels)
+    assert (on_torch.native(), on_kernels.native(), fp16.native()) == (False, True, False)
+    assert "route=torch" in repr(on_torch) and f"route={kernels.isa}" in repr(on_kernels)
+
+    calls = []
+    real_qgemm = native.Kernels.qgemm
+    monkeypatch.setattr(native.Kernels, "qgemm", lambda self, *a, **k: calls.append(1) or real_qgemm(self, *a, **k))
+    use("torch", monkeypatch)
+    x = torch.randn(3, 64, generator=gen)
+    assert torch.equal(on_torch(x), on_torch.reference_forward(x)) and calls == []
+    fp16(x)
+    assert calls == []
+    assert torch.equal(on_kernels(x), real_qgemm(kernels, x, stored["qweight"], stored["scales"], 4, 32, b))
+    assert calls == [1]
+
+
+def test_kernels_threads_and_close():
+    torch_threads = torch.get_num_threads()
+    assert native.open_kernels().threads == torch_threads  # None: torch's count when opened
+    kernels = opened(threads=3)
+    assert kernels.threads == 3 and "threads=3" in repr(kernels)
+    stored = quantize_weight(torch.randn(64, 64), QuantConfig(8, 32))
+    x = torch.randn(2, 64)
+    kernels.qgemm(x, stored["qweight"], stored["scales"], 8, 32)
+    kernels.close()
+    kernels.close()  # idempotent
+    assert "closed" in repr(kernels)
+    with pytest.raises(RuntimeError, match="closed"):
+        kernels.qgemm(x, stored["qweight"], stored["scales"], 8, 32)
 
 
 # -- the engine on tiny bundles: native kernels vs the torch path ---------------------------------
