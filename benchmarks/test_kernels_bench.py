@@ -31,26 +31,26 @@ def _copies(shape, bits):
 
 
 def _run(benchmark, bits, shape, m, path):
-    if path == "native" and not native.available():
-        pytest.fail(f"compiled kernels unavailable: {native.describe()}")
+    kernels = native.open_kernels(THREADS) if path == "native" else None
+    if path == "native" and kernels is None:
+        pytest.fail(f"compiled kernels unavailable: {native.describe(None)}")
     copies, size = _copies(shape, bits)
     n, k = shape
     x = torch.randn(m, k)
     cfg = QuantConfig(bits, 32)
-    layers = [QuantLinear(k, n, cfg, st, None) for st in copies]
+    layers = [QuantLinear(k, n, cfg, st, None, kernels=kernels) for st in copies]
     state = {"i": 0}
     torch.set_num_threads(THREADS)
 
     def call():
         layer = layers[state["i"] % len(layers)]
         state["i"] += 1
-        return native.qgemm(x, layer.qweight, layer.scales, bits, 32, threads=THREADS) if path == "native" \
-            else layer.reference_forward(x)
+        return layer(x)
 
     benchmark.pedantic(call, rounds=20 if m == 1 else 5, iterations=1, warmup_rounds=2)
     median = benchmark.stats.stats.median
     benchmark.extra_info.update({
-        "weight_bytes": size, "threads": THREADS, "path": native.describe() if path == "native" else "torch",
+        "weight_bytes": size, "threads": THREADS, "path": native.describe(kernels) if path == "native" else "torch",
         "gb_s": size / median / 1e9, "gop_s": 2 * m * n * k / median / 1e9,
     })
     print(f"\n{path} q{bits} {shape} M={m}: {size / median / 1e9:.1f} GB/s, {2 * m * n * k / median / 1e9:.1f} GOP/s")

@@ -51,7 +51,7 @@ class Engine:
         self.vision_id = f"{manifest['files'][vision_file]['sha256']}:{self.config.image_size}"
         self.prompt_format = PromptFormat.from_manifest(manifest["prompt"])
         # the kernels run the Linears on their own threads; torch's M = 1 ops then run on one
-        self.decode_threads = 1 if kernels is not None else None
+        self.decode_threads = 1 if kernels is not None and self.quant.bits != 16 else None
         self._worker = Worker("tinyv-engine", setup=(lambda: torch.set_num_threads(int(threads))) if threads else None)
 
     # -- loading -----------------------------------------------------------------------------------
@@ -70,13 +70,13 @@ class Engine:
         from tinyv.engine.weights import mmap_safetensors
         from tinyv.kernels import native
 
-        native.check_setting()  # a mistyped TINYV_KERNELS fails here, before any loading
+        setting = native.check_setting()  # a mistyped TINYV_KERNELS fails here, before any loading
         if bundle is None:
             raise TinyVError("name a bundle folder (tinyv.load() with no bundle runs the built-in model)")
         bundle = os.fspath(bundle)
         manifest = read_manifest(bundle, verify=verify)
         tensors = mmap_safetensors(os.path.join(bundle, manifest["quantization"].get("llm_file", LLM_FILE)))
-        kernels = native.open_kernels(threads)
+        kernels = native.open_kernels(threads, setting)
         phi = build_quant_phi(PhiConfig.from_dict(manifest["model"]["phi"]), tensors,
                               QuantConfig.from_dict(manifest["quantization"]), kernels=kernels)
         tok_info = manifest["tokenizer"]
@@ -116,7 +116,7 @@ class Engine:
             return "torch (16-bit bundle: fp16 weights, no quantized kernels)"
         from tinyv.kernels import native
 
-        return native.describe()
+        return native.describe(self.kernels)
 
     def run(self, fn, timeout: float | None = None):
         """``fn()`` on the engine's worker, where its model work runs (with its thread settings),

@@ -15,6 +15,7 @@ from tinyv.engine.config import PhiConfig
 from tinyv.errors import TinyVError
 from tinyv.engine.phi import PhiForCausalLM, Rotary
 from tinyv.kernels.linear import QuantLinear
+from tinyv.kernels.native import Kernels
 from tinyv.kernels.quant import QuantConfig
 
 LAYER_LINEARS = ("self_attn.query_key_value", "self_attn.dense", "mlp.fc1", "mlp.fc2")
@@ -29,8 +30,10 @@ def stored_keys(name: str, qcfg: QuantConfig) -> tuple[str, ...]:
     return (f"{name}.weight",) if qcfg.bits == 16 else (f"{name}.qweight", f"{name}.scales")
 
 
-def build_quant_phi(cfg: PhiConfig, tensors: Mapping[str, torch.Tensor], qcfg: QuantConfig, kernels=None) -> PhiForCausalLM:
-    """A ``PhiForCausalLM`` whose Linears are ``QuantLinear`` over ``tensors`` (not copied)."""
+def build_quant_phi(cfg: PhiConfig, tensors: Mapping[str, torch.Tensor], qcfg: QuantConfig,
+                    kernels: Kernels | None = None) -> PhiForCausalLM:
+    """A ``PhiForCausalLM`` whose Linears are ``QuantLinear`` over ``tensors`` (not copied), all
+    running on ``kernels`` (None: the torch path)."""
     with torch.device("meta"):
         phi = PhiForCausalLM(cfg)
     used = set()
@@ -44,7 +47,7 @@ def build_quant_phi(cfg: PhiConfig, tensors: Mapping[str, torch.Tensor], qcfg: Q
     for name in linear_names(cfg):
         old = phi.get_submodule(name)
         stored = {k.rsplit(".", 1)[1]: take(k) for k in stored_keys(name, qcfg)}
-        new = QuantLinear(old.in_features, old.out_features, qcfg, stored, take(f"{name}.bias"))
+        new = QuantLinear(old.in_features, old.out_features, qcfg, stored, take(f"{name}.bias"), kernels=kernels)
         parent, _, attr = name.rpartition(".")
         setattr(phi.get_submodule(parent) if parent else phi, attr, new)
     for key, param in list(phi.named_parameters()):

@@ -233,7 +233,7 @@ def export_bundle(
         # verify: quantized LLM + bundle's vision graph vs fp32 torch, streamed
         t = time.perf_counter()
         progress("verify", 0, 2)
-        quant = build_quant_phi(cfg.phi, tensors, qcfg)
+        quant = build_quant_phi(cfg.phi, tensors, qcfg, kernels=native.open_kernels())  # the engine's route
         ref = StreamedPhi(cfg.phi, weights)
         prompt = prompts.build_prompt(cfg.stage)
         gate = compare_greedy(

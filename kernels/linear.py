@@ -1,10 +1,12 @@
 """``QuantLinear``: a drop-in for ``nn.Linear`` over the stored quantized weights.
 
-Two paths compute it. The compiled kernels (``kernels/native.py``) quantize the activations to
-int8 per group and run integer dot products straight over the stored weights — what the engine
-uses; for long 8-bit prefills on CPUs with bf16 units (``native.bf16_prefill_rows``) it
-dequantizes a block of rows to bf16 and lets torch's bf16 matmul run instead. The torch path
-(dequantize a block of rows, matmul, next block) is exact with respect to the stored format and is the reference and the fallback when the kernels are not available.
+Two paths compute it, chosen once when the layer is built. Given a ``Kernels`` object
+(``kernels/native.py``), the compiled kernels quantize the activations to int8 per group and run
+integer dot products straight over the stored weights — what the engine uses; for long 8-bit
+prefills on CPUs with bf16 units (``Kernels.bf16_prefill_rows``) the layer dequantizes a block of
+rows to bf16 and lets torch's bf16 matmul run instead. Without one (or at 16 bits), the torch path
+(dequantize a block of rows, matmul, next block) is exact with respect to the stored format: the
+reference, and the fallback when the kernels are not available.
 """
 from __future__ import annotations
 
@@ -12,19 +14,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinyv.kernels import native
+from tinyv.kernels.native import Kernels
 from tinyv.kernels.quant import QuantConfig, dequantize, unpack_int4
 
 ROW_BLOCK = 2048  # rows dequantized at a time: bounds the fp32 transient (2048 x 10240 x 4 B = 84 MB)
 
 
 class QuantLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, cfg: QuantConfig, stored: dict, bias: torch.Tensor | None):
+    """``stored``: the weight as the bundle stores it (``qweight`` + ``scales``, or fp16 ``weight``
+    at 16 bits), used in place. ``kernels``: the compiled kernels to run on, or None for the torch
+    path; the route is fixed here, so a layer never changes path under a running engine."""
+
+    def __init__(self, in_features: int, out_features: int, cfg: QuantConfig, stored: dict, bias: torch.Tensor | None,
+                 kernels: Kernels | None = None):
         super().__init__()
         self.in_features, self.out_features, self.cfg = in_features, out_features, cfg
         for name, t in stored.items():
             self.register_buffer(name, t, persistent=False)
         self.register_buffer("bias", None if bias is None else bias.float(), persistent=False)
+        # the int kernels take 4- and 8-bit codes; fp16 weights always go through torch
+        self.kernels = kernels if cfg.bits != 16 else None
+        # from this many rows an 8-bit layer runs as a bf16 matmul (None: never)
+        self.bf16_rows = self.kernels.bf16_prefill_rows if self.kernels is not None and cfg.bits == 8 else None
 
     def weight_rows(self, start: int, end: int) -> torch.Tensor:
         """fp32 rows start..end of the weight."""
@@ -36,27 +47,27 @@ class QuantLinear(nn.Module):
         return dequantize(q, self.scales[start:end], self.cfg.group_size)
 
     def native(self) -> bool:
-        """Whether the compiled kernels compute this layer."""
-        return self.cfg.bits != 16 and native.available()
+        """Whether the compiled kernels compute this layer (fixed at construction)."""
+        return self.kernels is not None
 
     def _bf16(self, x: torch.Tensor) -> bool:
-        rows = native.bf16_prefill_rows() if self.cfg.bits == 8 else None
-        return rows is not None and x.numel() // self.in_features >= rows
+        return self.bf16_rows is not None and x.numel() // self.in_features >= self.bf16_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native():
-            if self._bf16(x):
-                return self.bf16_forward(x)
-            return native.qgemm(x, self.qweight, self.scales, self.cfg.bits, self.cfg.group_size, self.bias)
-        return self.reference_forward(x)
+        if self.kernels is None:
+            return self.reference_forward(x)
+        if self._bf16(x):
+            return self.bf16_forward(x)
+        return self.kernels.qgemm(x, self.qweight, self.scales, self.cfg.bits, self.cfg.group_size, self.bias)
 
     def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
         """``gelu_tanh(self(x))``, with the GELU in the kernel's epilogue (no extra pass)."""
-        if self.native():
-            if self._bf16(x):
-                return F.gelu(self.bf16_forward(x), approximate="tanh")
-            return native.qgemm(x, self.qweight, self.scales, self.cfg.bits, self.cfg.group_size, self.bias, gelu=True)
-        return F.gelu(self.reference_forward(x), approximate="tanh")
+        if self.kernels is None:
+            return F.gelu(self.reference_forward(x), approximate="tanh")
+        if self._bf16(x):
+            return F.gelu(self.bf16_forward(x), approximate="tanh")
+        return self.kernels.qgemm(x, self.qweight, self.scales, self.cfg.bits, self.cfg.group_size, self.bias,
+                                  gelu=True)
 
     def bf16_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Many rows: weight blocks dequantized to bf16, a bf16 matmul (fp32 accumulation in
@@ -77,7 +88,9 @@ class QuantLinear(nn.Module):
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bits={self.cfg.bits}, group={self.cfg.group_size}"
+        route = "torch" if self.kernels is None else self.kernels.isa
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.cfg.bits}, group={self.cfg.group_size}, "
+                f"route={route}")
 
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for n, t in self.named_buffers() if n != "bias")

@@ -1,9 +1,13 @@
-"""The compiled CPU kernels (``kernels/csrc/qgemm.cpp``), loaded through a plain C ABI with ctypes.
+"""The compiled CPU kernels (``kernels/csrc/``), loaded through a plain C ABI with ctypes.
 
 ``pip install .`` builds them with the system compiler into ``tinyv/kernels/_qgemm*.so``: one
 binary with AVX-512 VNNI, AVX2 and portable code, picked at run time from the CPU's features.
-When the library is missing (no compiler at install time) or ``TINYV_KERNELS=torch`` is set, the
-engine keeps the pure-torch path; :func:`describe` says which one runs (``tinyv bench`` prints it).
+
+The route is resolved once: :func:`open_kernels` reads the setting, loads the library and
+returns a :class:`Kernels` object (its own C context: ISA, thread count, thread pool), or None
+for the pure-torch path. An engine opens one and hands it to every ``QuantLinear``; nothing here
+keeps mutable module state, so two engines in one process never disturb each other.
+:func:`describe` says which path an object runs (``tinyv bench`` prints it).
 
 ``TINYV_KERNELS`` = ``auto`` (default) | ``torch`` | ``avx512`` | ``avx2`` | ``scalar`` — the last
 three force a path (capped at what the CPU has), for tests and comparisons. Any other value is an
@@ -12,19 +16,23 @@ error (:func:`check_setting`), not a silent fall-back to the slow path.
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import os
+import weakref
 
 import torch
 
 ISA_NAMES = ("scalar", "avx2", "avx512-vnni")
-_FORCE = {"scalar": 0, "avx2": 1, "avx512": 2}
-FLAG_GELU = 1
-
-_lib = None
-_why = ""  # why the native path is off, when it is
-_threads: int | None = None  # kernel threads when pinned; None = torch's intra-op count
-_bf16_rows: int | None = None  # bf16_prefill_rows() once read (0: never)
+ABI_VERSION = 2
+_FORCED_ISA = {"scalar": 0, "avx2": 1, "avx512": 2}  # setting -> the C ABI's ISA number
+_BEST_ISA = -1
+_FLAG_GELU = 1
+_RC_BUSY = -2
+# Measured on the 2-core AVX-512 BF16 EPYC, Phi-2's 8-bit layers, 2 threads, GOP/s native vs bf16:
+# M=128 74-77 vs 51-58, M=256 69-93 vs 94-100, M=512 71-83 vs 146-154. (4-bit: native 115-165 at
+# M=128-512, bf16 no better, so 4-bit stays native.)
+_BF16_PREFILL_ROWS = 256
 
 
 def _library_path() -> str | None:
@@ -33,11 +41,9 @@ def _library_path() -> str | None:
     return found[0] if found else None
 
 
-def check_setting() -> str:
-    """The ``TINYV_KERNELS`` choice, normalised; a ``TinyVError`` if it is not one tinyv knows."""
-    raw = os.environ.get("TINYV_KERNELS", "auto")
+def _normalise(raw: str) -> str:
     choice = raw.strip().lower() or "auto"
-    if choice not in ("auto", "torch", *_FORCE):
+    if choice not in ("auto", "torch", *_FORCED_ISA):
         from tinyv.errors import TinyVError
 
         raise TinyVError(f"TINYV_KERNELS={raw!r} is not one of auto, torch, avx512, avx2, scalar: "
@@ -45,83 +51,63 @@ def check_setting() -> str:
     return choice
 
 
-def _load():
-    global _lib, _why
-    choice = check_setting()
-    if choice == "torch":
-        _why = "TINYV_KERNELS=torch"
-        return None
-    path = _library_path()
-    if path is None:
-        _why = "the compiled kernels are not installed (no C++ compiler at install time?)"
-        return None
+def check_setting() -> str:
+    """The ``TINYV_KERNELS`` choice, normalised; a ``TinyVError`` if it is not one tinyv knows."""
+    return _normalise(os.environ.get("TINYV_KERNELS", "auto"))
+
+
+def _choice(setting: str | None) -> str:
+    return check_setting() if setting is None else _normalise(setting)
+
+
+@functools.cache
+def _open_library(path: str) -> tuple[ctypes.CDLL | None, str]:
+    """The library at ``path`` with its C ABI declared, or (None, why not). Cached: a CDLL is
+    immutable, and loading the same file twice would give the same handle anyway."""
     try:
         lib = ctypes.CDLL(path)
     except OSError as e:
-        _why = f"the compiled kernels failed to load: {e}"
-        return None
+        return None, f"the compiled kernels failed to load: {e}"
     lib.tv_abi_version.restype = ctypes.c_int
-    if lib.tv_abi_version() != 1:
-        _why = "the compiled kernels are from another tinyv version: reinstall tinyv"
-        return None
-    lib.tv_qgemm.restype = ctypes.c_int
-    lib.tv_qgemm.argtypes = [
-        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
-        ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
-        ctypes.c_int, ctypes.c_int,
+    if lib.tv_abi_version() != ABI_VERSION:
+        return None, "the compiled kernels are from another tinyv version: reinstall tinyv"
+    ctx_p, c_int, ptr = ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p
+    lib.tv_cpu_features.restype = c_int
+    lib.tv_ctx_new.restype, lib.tv_ctx_new.argtypes = ctx_p, [c_int, c_int]
+    lib.tv_ctx_free.restype, lib.tv_ctx_free.argtypes = None, [ctx_p]
+    lib.tv_ctx_isa.restype, lib.tv_ctx_isa.argtypes = c_int, [ctx_p]
+    lib.tv_ctx_threads.restype, lib.tv_ctx_threads.argtypes = c_int, [ctx_p]
+    lib.tv_ctx_set_spin_us.restype, lib.tv_ctx_set_spin_us.argtypes = None, [ctx_p, c_int]
+    lib.tv_qgemm.restype = c_int
+    lib.tv_qgemm.argtypes = [  # ctx, M, N, K, x, ldx, w, scales, G, bits, bias, y, ldy, flags
+        ctx_p, c_int, c_int, c_int, ptr, ctypes.c_long, ptr, ptr, c_int, c_int, ptr, ptr, ctypes.c_long, c_int,
     ]
-    lib.tv_set_isa.argtypes = [ctypes.c_int]
-    if choice in _FORCE:
-        lib.tv_set_isa(_FORCE[choice])
-    return lib
+    return lib, ""
 
 
-def lib():
-    """The loaded library, or None (then :func:`describe` says why); a bad ``TINYV_KERNELS`` raises."""
-    global _lib
-    if _lib is None and not _why:
-        _lib = _load()
-    return _lib
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    path = _library_path()
+    if path is None:
+        return None, "the compiled kernels are not installed (no C++ compiler at install time?)"
+    return _open_library(path)
 
 
-def available() -> bool:
-    return lib() is not None
-
-
-def isa() -> str | None:
-    """The path in use: ``avx512-vnni``, ``avx2`` or ``scalar`` (None without the library)."""
-    return ISA_NAMES[lib().tv_get_isa()] if available() else None
+def unavailable_reason(setting: str | None = None) -> str | None:
+    """Why :func:`open_kernels` would return None (the torch path), or None when it would not.
+    ``setting`` as for :func:`open_kernels`; a bad setting raises ``TinyVError``."""
+    if _choice(setting) == "torch":
+        return "TINYV_KERNELS=torch" if setting is None else "kernels setting 'torch'"
+    lib, why = _library()
+    return why if lib is None else None
 
 
 def cpu_features() -> list[str]:
-    """What this CPU offers of what the kernels use."""
-    if not available():
+    """What this CPU offers of what the kernels use (empty without the library)."""
+    lib, _ = _library()
+    if lib is None:
         return []
-    bits = lib().tv_cpu_features()
+    bits = lib.tv_cpu_features()
     return [name for bit, name in ((1, "avx2"), (2, "avx512-vnni")) if bits & bit]
-
-
-def describe() -> str:
-    """One line for ``tinyv bench`` and logs: which kernels run and why."""
-    if not available():
-        return f"torch reference (dequantize + matmul): {_why}"
-    return f"native {isa()} (cpu offers: {', '.join(cpu_features()) or 'none of avx2/avx512-vnni'})"
-
-
-def bf16_prefill_rows() -> int | None:
-    """From how many activation rows an 8-bit layer is faster as dequantize-to-bf16 + bf16 matmul
-    than in the int8 kernel, on this CPU; None when never (no AVX-512 BF16/AMX, so torch's bf16
-    matmul is emulated, or ``TINYV_KERNELS`` forces a kernel path).
-
-    Measured on the 2-core AVX-512 BF16 EPYC, Phi-2's 8-bit layers, 2 threads, GOP/s native vs bf16:
-    M=128 74-77 vs 51-58, M=256 69-93 vs 94-100, M=512 71-83 vs 146-154. (4-bit: native 115-165 at
-    M=128-512, bf16 no better, so 4-bit stays native.)
-    """
-    global _bf16_rows
-    if _bf16_rows is None:
-        fast = any(f in _cpu_flags() for f in ("avx512_bf16", "amx_bf16"))
-        _bf16_rows = 256 if fast and check_setting() == "auto" else 0
-    return _bf16_rows or None
 
 
 def _cpu_flags() -> set[str]:
@@ -135,48 +121,92 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def pin_threads(n: int | None) -> int | None:
-    """Run the kernels on ``n`` threads whatever torch's count is (None: follow torch); returns
-    the previous setting. Decoding pins it and drops torch to one thread, so torch's OpenMP pool
-    does not spin on the cores the kernels need (tiny M = 1 ops gain nothing from it)."""
-    global _threads
-    prev, _threads = _threads, n
-    return prev
-
-
-def reset() -> None:
-    """Forget the loaded library so the next call reads TINYV_KERNELS again (tests)."""
-    global _lib, _why, _bf16_rows
-    _lib, _why, _bf16_rows = None, "", None
-
-
-def qgemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
-          bias: torch.Tensor | None = None, gelu: bool = False, threads: int | None = None) -> torch.Tensor:
-    """``x [..., K] · W^T + bias`` (then GELU-tanh if asked) with W in the bundle's stored form."""
-    lib_ = lib()
-    K = x.shape[-1]
-    N = qweight.shape[0]
-    x2 = x.reshape(-1, K)
-    if x2.dtype != torch.float32 or x2.stride(-1) != 1:
-        x2 = x2.float().contiguous()
-    M = x2.shape[0]
-    y = torch.empty(M, N, dtype=torch.float32)
-    if M == 0:
-        return y.reshape(*x.shape[:-1], N)
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
-        bias = bias.float().contiguous()
-    rc = lib_.tv_qgemm(
-        M, N, K, x2.data_ptr(), x2.stride(0), qweight.data_ptr(), scales.data_ptr(), group_size, bits,
-        None if bias is None else bias.data_ptr(), y.data_ptr(), N, FLAG_GELU if gelu else 0,
-        threads or _threads or torch.get_num_threads(),
-    )
-    if rc != 0:
-        raise ValueError(f"qgemm cannot take M={M} N={N} K={K} bits={bits} group={group_size}")
-    return y.reshape(*x.shape[:-1], N)
-
-
-def open_kernels(threads=None, setting=None):  # TEMPORARY bridge until the Kernels object lands
-    if not available():
+def open_kernels(threads: int | None = None, setting: str | None = None) -> Kernels | None:
+    """The compiled kernels on ``threads`` threads (None or 0: ``torch.get_num_threads()`` now),
+    or None for the torch path (``TINYV_KERNELS=torch``, or no usable library: see
+    :func:`unavailable_reason`). ``setting`` overrides ``TINYV_KERNELS``; a bad one raises
+    ``TinyVError``. The object is for one engine, used by one thread at a time."""
+    choice = _choice(setting)
+    if choice == "torch":
         return None
-    pin_threads(threads or torch.get_num_threads())
-    return lib()
+    lib, _ = _library()
+    if lib is None:
+        return None
+    threads = threads or torch.get_num_threads()
+    if threads < 0:
+        raise ValueError(f"threads must be 1 or more (None: torch's count), got {threads}")
+    # bf16 matmul beats the int8 kernel on long 8-bit prefills only with bf16 units (else torch
+    # emulates it), and a forced kernel path is never rerouted
+    bf16_units = any(f in _cpu_flags() for f in ("avx512_bf16", "amx_bf16"))
+    bf16_rows = _BF16_PREFILL_ROWS if choice == "auto" and bf16_units else None
+    return Kernels(lib, _FORCED_ISA.get(choice, _BEST_ISA), threads, bf16_rows)
+
+
+def describe(kernels: Kernels | None, setting: str | None = None) -> str:
+    """One line for ``tinyv bench`` and logs: which kernels ``kernels`` runs, or why the torch
+    path runs (``kernels`` None; ``setting`` as it was given to :func:`open_kernels`)."""
+    if kernels is None:
+        why = unavailable_reason(setting) or "no compiled kernels were opened"
+        return f"torch reference (dequantize + matmul): {why}"
+    return f"native {kernels.isa} (cpu offers: {', '.join(cpu_features()) or 'none of avx2/avx512-vnni'})"
+
+
+class Kernels:
+    """The compiled kernels resolved for one engine: an ISA, a thread count and a C context that
+    owns its own thread pool. Made by :func:`open_kernels`. Not shared between threads at once
+    (a clash raises RuntimeError rather than racing); two objects run side by side freely.
+
+    ``bf16_prefill_rows``: from how many activation rows an 8-bit layer is faster as
+    dequantize-to-bf16 + bf16 matmul than in the int8 kernel; None when never (no AVX-512
+    BF16/AMX, or a forced kernel path).
+    """
+
+    def __init__(self, lib: ctypes.CDLL, isa_request: int, threads: int, bf16_prefill_rows: int | None):
+        ctx = lib.tv_ctx_new(isa_request, threads)
+        if not ctx:
+            raise MemoryError("could not create a kernel context")
+        self._lib, self._ctx = lib, ctx
+        # frees the context on close() or garbage collection, whichever comes first; not at exit,
+        # where the process ending stops the threads anyway and a daemon thread may still be inside
+        self._free = weakref.finalize(self, lib.tv_ctx_free, ctx)
+        self._free.atexit = False
+        self.isa: str = ISA_NAMES[lib.tv_ctx_isa(ctx)]
+        self.threads: int = lib.tv_ctx_threads(ctx)
+        self.bf16_prefill_rows: int | None = bf16_prefill_rows
+
+    def __repr__(self) -> str:
+        state = "" if self._free.alive else ", closed"
+        return f"Kernels(isa={self.isa!r}, threads={self.threads}{state})"
+
+    def __deepcopy__(self, memo) -> Kernels:
+        return self  # a runtime resource, not data: a copied model keeps running on it
+
+    def close(self) -> None:
+        """Stop the context's threads and free it (idempotent; garbage collection does it too)."""
+        self._free()
+
+    def qgemm(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
+              bias: torch.Tensor | None = None, gelu: bool = False) -> torch.Tensor:
+        """``x [..., K] · W^T + bias`` (then GELU-tanh if asked) with W in the bundle's stored form."""
+        if not self._free.alive:
+            raise RuntimeError(f"{self!r} is closed")
+        K = x.shape[-1]
+        N = qweight.shape[0]
+        x2 = x.reshape(-1, K)
+        if x2.dtype != torch.float32 or x2.stride(-1) != 1:
+            x2 = x2.float().contiguous()
+        M = x2.shape[0]
+        y = torch.empty(M, N, dtype=torch.float32)
+        if M == 0:
+            return y.reshape(*x.shape[:-1], N)
+        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+            bias = bias.float().contiguous()
+        rc = self._lib.tv_qgemm(
+            self._ctx, M, N, K, x2.data_ptr(), x2.stride(0), qweight.data_ptr(), scales.data_ptr(), group_size,
+            bits, None if bias is None else bias.data_ptr(), y.data_ptr(), N, _FLAG_GELU if gelu else 0,
+        )
+        if rc == _RC_BUSY:
+            raise RuntimeError(f"{self!r} was called from two threads at once: open one Kernels per thread")
+        if rc != 0:
+            raise ValueError(f"qgemm cannot take M={M} N={N} K={K} bits={bits} group={group_size}")
+        return y.reshape(*x.shape[:-1], N)

@@ -73,13 +73,8 @@ def scene_path(scene, tmp_path_factory):
 
 @pytest.fixture
 def torch_kernels(monkeypatch):
-    """The pure-torch Linear path for one test (the compiled kernels are re-read afterwards)."""
-    from tinyv.kernels import native
-
+    """The pure-torch Linear path for the engines one test opens (``open_kernels`` returns None)."""
     monkeypatch.setenv("TINYV_KERNELS", "torch")
-    native.reset()
-    yield
-    native.reset()
 
 
 @pytest.fixture

@@ -1,0 +1,92 @@
+// AVX2 kernels: one weight row against MR activation rows, vpmaddubsw + vpmaddwd dot products.
+// Each kernel is `Kernel<G>::block<MR>(job, n, m0)`, the form rows_simd<Kernel> (qgemm.cpp) drives.
+#pragma once
+
+#include <immintrin.h>
+
+#include "job.h"
+
+namespace tinyv {
+
+TV_AVX2 inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// Scales of the 8 lanes (4 weight bytes each) starting at byte `byte0` of a row whose groups are
+// `bytes_per_group` bytes (int4: G/2, int8: G); lanes past the row's `ngroups` groups get 0.
+TV_AVX2 inline __m256 lane_scales256(const uint16_t* sr, int byte0, int bytes_per_group, int ngroups) {
+    alignas(32) float s[8];
+    for (int l = 0; l < 8; l++) {
+        const int g = (byte0 + 4 * l) / bytes_per_group;
+        s[l] = g < ngroups ? _cvtsh_ss(sr[g]) : 0.f;
+    }
+    return _mm256_load_ps(s);
+}
+
+template <int G>
+struct Q4Avx2 {
+    template <int MR>
+    TV_AVX2 static void block(const Job& j, int n, int m0) {
+        const Act& a = *j.act;
+        const int K = j.K, Kp = a.Kp, lanes = a.lanes(), rowbytes = K / 2;
+        const uint8_t* wr = j.w + (long)n * rowbytes;
+        const uint16_t* sr = j.sc + (long)n * (K / G);
+        const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+        __m256 acc[MR];
+        for (int r = 0; r < MR; r++) acc[r] = _mm256_setzero_ps();
+        alignas(32) uint8_t wtail[32];
+        // 32 weight bytes at a time: half h of chunk c = bytes [32h, 32h+32) of the chunk
+        for (int b = 0; b < Kp / 2; b += 32) {
+            const int c = b / 64, h = (b % 64) / 32;
+            const __m256i wv = _mm256_loadu_si256((const __m256i*)span_or_padded(wr, b, rowbytes, 32, 0x88, wtail));
+            const __m256 sw = lane_scales256(sr, b, G / 2, K / G);
+            const __m256i lo = _mm256_and_si256(wv, mask);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), mask);
+            for (int r = 0; r < MR; r++) {
+                const long m = m0 + r;
+                const int8_t* q = &a.q[m * Kp + 128 * c + 32 * h];
+                const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)q)),
+                                                   _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(q + 64))));
+                __m256i s = _mm256_madd_epi16(p, ones);
+                s = _mm256_add_epi32(s, _mm256_loadu_si256((const __m256i*)&a.init[m * lanes + 16 * c + 8 * h]));
+                const __m256 scale = _mm256_mul_ps(sw, _mm256_loadu_ps(&a.ls[m * lanes + 16 * c + 8 * h]));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[r]);
+            }
+        }
+        for (int r = 0; r < MR; r++) store(j, m0 + r, n, hsum256(acc[r]));
+    }
+};
+
+template <int G>
+struct Q8Avx2 {
+    template <int MR>
+    TV_AVX2 static void block(const Job& j, int n, int m0) {
+        const Act& a = *j.act;
+        const int K = j.K, Kp = a.Kp, lanes = a.lanes();
+        const int8_t* wr = (const int8_t*)j.w + (long)n * K;
+        const uint16_t* sr = j.sc + (long)n * (K / G);
+        const __m256i ones = _mm256_set1_epi16(1);
+        __m256 acc[MR];
+        for (int r = 0; r < MR; r++) acc[r] = _mm256_setzero_ps();
+        alignas(32) int8_t wtail[32];
+        for (int b = 0; b < Kp; b += 32) {
+            const __m256i wv = _mm256_loadu_si256((const __m256i*)span_or_padded(wr, b, K, 32, 0, wtail));
+            const __m256 sw = lane_scales256(sr, b, G, K / G);
+            const __m256i wabs = _mm256_sign_epi8(wv, wv);
+            for (int r = 0; r < MR; r++) {
+                const long m = m0 + r;
+                const __m256i x = _mm256_loadu_si256((const __m256i*)&a.q[m * Kp + b]);
+                const __m256i p = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(x, wv));
+                const __m256i s = _mm256_madd_epi16(p, ones);
+                const __m256 scale = _mm256_mul_ps(sw, _mm256_loadu_ps(&a.ls[m * lanes + b / 4]));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[r]);
+            }
+        }
+        for (int r = 0; r < MR; r++) store(j, m0 + r, n, hsum256(acc[r]));
+    }
+};
+
+}  // namespace tinyv
