@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinyv.kernels.native import Kernels
-from tinyv.kernels.quant import QuantConfig, dequantize, unpack_int4
+from tinyv.kernels.quant import QuantConfig, dequantize_weight
 
 ROW_BLOCK = 2048  # rows dequantized at a time: bounds the fp32 transient (2048 x 10240 x 4 B = 84 MB)
 
@@ -39,12 +39,8 @@ class QuantLinear(nn.Module):
 
     def weight_rows(self, start: int, end: int) -> torch.Tensor:
         """fp32 rows start..end of the weight."""
-        if self.cfg.bits == 16:
-            return self.weight[start:end].float()
-        q = self.qweight[start:end]
-        if self.cfg.bits == 4:
-            q = unpack_int4(q, self.cfg.group_size)
-        return dequantize(q, self.scales[start:end], self.cfg.group_size)
+        names = ("weight",) if self.cfg.bits == 16 else ("qweight", "scales")
+        return dequantize_weight({n: getattr(self, n)[start:end] for n in names}, self.cfg)
 
     def native(self) -> bool:
         """Whether the compiled kernels compute this layer (fixed at construction)."""
