@@ -11,7 +11,8 @@ import time
 import torch
 
 from tinyv.engine.cache import image_key
-from tinyv.engine.generate import decode_one, peak_rss_mb, prefill
+from tinyv.engine.generate import decode_one, prefill
+from tinyv.engine.memory import peak_rss_mb
 
 
 def _stats(values: list[float]) -> dict:

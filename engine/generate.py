@@ -8,6 +8,7 @@ from typing import Iterator
 
 import torch
 
+from tinyv.engine.memory import peak_rss_mb
 from tinyv.engine.phi import KVCache, PhiForCausalLM
 from tinyv.engine.prompts import STOP_STRINGS, cut_at_stop, held_back, split_prompt
 from tinyv.engine.tokenizer import StreamDecoder, Tokenizer
@@ -32,14 +33,6 @@ def build_prompt_embeds(phi: PhiForCausalLM, tok: Tokenizer, prompt: str, image_
         phi.embed(torch.tensor([tok.encode(after)], dtype=torch.long)),
     ]
     return torch.cat(parts, dim=1)
-
-
-def peak_rss_mb() -> float:
-    import resource
-    import sys
-
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / (1024 * 1024) if sys.platform == "darwin" else kb / 1024
 
 
 @torch.inference_mode()
