@@ -10,7 +10,6 @@ read (safetensors and mmap'd pickles), so full-size checkpoints never sit in RAM
 """
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
@@ -20,6 +19,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from tinyv.engine.bundle import read_json
 from tinyv.engine.config import PhiConfig, TinyGPTVConfig, preset as make_preset
 from tinyv.errors import TinyVError
 from tinyv.export.eva_vit import interpolate_pos_embed
@@ -237,8 +237,7 @@ def phi2_source(folder: str, label: str = "--phi2") -> Source:
     files = sorted(os.listdir(folder))
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        shards = sorted(set(read_json(index, "--phi2: cannot read {path}: {reason}")["weight_map"].values()))
         missing = [s for s in shards if not os.path.exists(os.path.join(folder, s))]
         if missing:
             raise TinyVError(f"{label}: {folder} lacks shard(s) {', '.join(missing)} named in its index")
@@ -258,12 +257,7 @@ def read_phi2_config(folder: str) -> PhiConfig:
     path = os.path.join(folder, "config.json")
     if not os.path.exists(path):
         raise TinyVError(f"--phi2: {folder} has no config.json; pass a Phi-2 model folder")
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, ValueError) as e:
-        raise TinyVError(f"--phi2: cannot read {path}: {e}") from None
-    return PhiConfig.from_hf_config(cfg)
+    return PhiConfig.from_hf_config(read_json(path, "--phi2: cannot read {path}: {reason}"))
 
 
 # ---------------------------------------------------------------------------------------------
