@@ -14,10 +14,22 @@ STAGE123_CHAT = "###Human: <Img><ImageHere></Img> {question}###Assistant: "
 CAPTION_QUESTION = "[caption] please describe this image?"
 VQA_QUESTION = "[vqa] Based on the image, respond to this question with a short answer: {question}"
 STAGE123_CAPTION_QUESTION = "Describe this image."
+STAGE123_VQA_QUESTION = "{question}"  # stages 1-3 have no task tags: the question as asked
 
 
 def template_for(stage: int) -> str:
+    """The chat template of a stage, with ``{question}`` and the image placeholder."""
     return STAGE4_CHAT if stage >= 4 else STAGE123_CHAT
+
+
+def caption_question(stage: int) -> str:
+    """The question a caption asks at ``stage``."""
+    return CAPTION_QUESTION if stage >= 4 else STAGE123_CAPTION_QUESTION
+
+
+def vqa_question(stage: int) -> str:
+    """How a VQA question is put at ``stage``: a template with ``{question}``."""
+    return VQA_QUESTION if stage >= 4 else STAGE123_VQA_QUESTION
 
 
 def build_prompt(stage: int, question: str | None = None, task: str = "caption") -> str:
@@ -25,11 +37,11 @@ def build_prompt(stage: int, question: str | None = None, task: str = "caption")
     if task == "vqa":
         if not question:
             raise TinyVError("a VQA prompt needs a question")
-        q = VQA_QUESTION.format(question=question) if stage >= 4 else question
+        q = vqa_question(stage).format(question=question)
     elif question:
         q = question
     else:
-        q = CAPTION_QUESTION if stage >= 4 else STAGE123_CAPTION_QUESTION
+        q = caption_question(stage)
     return template_for(stage).format(question=q)
 
 

@@ -262,8 +262,8 @@ def export_bundle(
             "prompt": {
                 "template": prompts.template_for(cfg.stage),
                 "image_placeholder": prompts.IMAGE_PLACEHOLDER,
-                "caption_question": prompts.CAPTION_QUESTION if cfg.stage >= 4 else prompts.STAGE123_CAPTION_QUESTION,
-                "vqa_question": prompts.VQA_QUESTION if cfg.stage >= 4 else "{question}",
+                "caption_question": prompts.caption_question(cfg.stage),
+                "vqa_question": prompts.vqa_question(cfg.stage),
                 "stop_strings": list(prompts.STOP_STRINGS),
             },
             "tokenizer": {"file": TOKENIZER_FILE, "eos_id": ck.tokenizer.eos_id},
