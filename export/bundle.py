@@ -34,7 +34,7 @@ from tinyv.engine.image import preprocess
 from tinyv.engine.llm import LAYER_LINEARS, build_quant_phi, linear_names
 from tinyv.engine.generate import build_prompt_embeds
 from tinyv.export.memory import StageMemory, release_memory
-from tinyv.kernels.quant import QuantConfig, dequantize_weight, quantize_weight
+from tinyv.kernels.quant import QuantConfig, dequantize_weight, quantize_weight, sqnr_from_sums
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -99,16 +99,7 @@ def quantize_rows(w: torch.Tensor, qcfg: QuantConfig) -> tuple[dict[str, torch.T
         for k, v in stored.items():
             parts.setdefault(k, []).append(v)
         del ref, stored, err
-    return {k: torch.cat(v).contiguous() for k, v in parts.items()}, _sqnr_from_sums(signal, noise)
-
-
-def _sqnr_from_sums(signal: float, noise: float) -> float:
-    """``sqnr_db``'s result from its two sums (inf when identical)."""
-    if noise == 0:
-        return float("inf")
-    if signal == 0:
-        return float("-inf")
-    return 10.0 * math.log10(signal / noise)
+    return {k: torch.cat(v).contiguous() for k, v in parts.items()}, sqnr_from_sums(signal, noise)
 
 
 def _sqnr_summary(sqnr: dict[str, float]) -> dict:
