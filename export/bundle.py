@@ -289,7 +289,8 @@ def _run_vision(path: str, vinfo: dict, pixels: torch.Tensor):
     """The bundle's vision graph on ``pixels``; a large graph runs piece by piece, so the export
     does not hold a whole ONNX Runtime copy of ViT-g next to the quantized LLM."""
     from tinyv.engine.vision_onnx import open_session
-    from tinyv.export.vision import WHOLE_RUN_BYTES, run_in_pieces
+    from tinyv.export.onnx_pieces import run_in_pieces
+    from tinyv.export.vision import WHOLE_RUN_BYTES
 
     data = vinfo.get("data_file")
     if data and os.path.getsize(os.path.join(os.path.dirname(path), data)) > WHOLE_RUN_BYTES:
