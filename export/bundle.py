@@ -151,7 +151,9 @@ def export_bundle(
     """Export a bundle to ``out``; returns its manifest, plus ``export_memory`` (RSS at the end of each
     stage and the peak so far, in MB; not written to the bundle). Raises TinyVError on bad input or a
     failed gate."""
-    from tinyv.export.loaders import PhiWeights, build_model, open_checkpoints
+    from tinyv.export.checkpoints import open_checkpoints
+    from tinyv.export.loaders import build_model
+    from tinyv.export.phi_weights import PhiWeights
     from tinyv.export.quality import StreamedPhi, compare_greedy
     from tinyv.export.vision import export_vision, probe_images
     from tinyv.kernels import native

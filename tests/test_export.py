@@ -100,7 +100,7 @@ def test_quantize_rows_equals_the_whole_weight(monkeypatch, bits):
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc")
 def test_phi2_tensors_do_not_keep_their_file_mapped(tiny_paths):
     """Every page read through a mapping counts as the process's memory while it stays mapped."""
-    from tinyv.export.loaders import phi2_source
+    from tinyv.export.checkpoint_files import phi2_source
 
     src = phi2_source(tiny_paths.phi2)
     kept = [src.get(k) for k in src.keys]
