@@ -8,13 +8,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import tinyv.export.bundle as bundle_mod
 from tinyv import TinyVError
 from tinyv.cli.main import cli
 from tinyv.engine.bundle import LLM_FILE, MANIFEST, read_manifest
 from tinyv.engine.llm import build_quant_phi, linear_names
 from tinyv.engine.prompts import build_prompt
+from tinyv.export import llm_quant, stages
 from tinyv.export.bundle import export_bundle
+from tinyv.export.manifest import jsonable
 from tinyv.kernels.quant import QuantConfig, dequantize_weight, quantize_weight, sqnr_db
 
 
@@ -68,7 +69,7 @@ def test_export_memory_per_stage(bundles, bits, vision):
     assert peaks == sorted(peaks)  # the peak so far never goes down
     assert "export_memory" not in json.load(open(os.path.join(path, MANIFEST)))
     written = {k: v for k, v in m.items() if k != "export_memory"}
-    assert json.loads(json.dumps(bundle_mod._jsonable(written))) == read_manifest(path)
+    assert json.loads(json.dumps(jsonable(written))) == read_manifest(path)
 
 
 def test_stage_memory_reads_the_kernel():
@@ -88,10 +89,10 @@ def test_stage_memory_reads_the_kernel():
 @pytest.mark.parametrize("bits", [4, 8, 16])
 def test_quantize_rows_equals_the_whole_weight(monkeypatch, bits):
     """Quantized a block of rows at a time: the same tensors and the same SQNR as all at once."""
-    monkeypatch.setattr(bundle_mod, "BLOCK_ELEMS", 3 * 64)  # 3 rows per block, the last one short
+    monkeypatch.setattr(llm_quant, "BLOCK_ELEMS", 3 * 64)  # 3 rows per block, the last one short
     w = torch.randn(20, 64, generator=torch.Generator().manual_seed(0)).to(torch.float16)
     qcfg = QuantConfig(bits, 32)
-    stored, db = bundle_mod.quantize_rows(w, qcfg)
+    stored, db = llm_quant.quantize_rows(w, qcfg)
     whole = quantize_weight(w.float(), qcfg)
     assert stored.keys() == whole.keys() and all(torch.equal(stored[k], whole[k]) for k in whole)
     assert db == pytest.approx(sqnr_db(w.float(), dequantize_weight(whole, qcfg)), rel=1e-12)
@@ -225,7 +226,7 @@ def test_interrupted_export_leaves_nothing(tiny_paths, tmp_path, monkeypatch, ex
 
 
 def test_failure_while_writing_the_manifest(tiny_paths, tmp_path, monkeypatch):
-    monkeypatch.setattr(bundle_mod, "_write_tokenizer", lambda *a: (_ for _ in ()).throw(OSError("disk gone")))
+    monkeypatch.setattr(stages, "write_tokenizer", lambda *a: (_ for _ in ()).throw(OSError("disk gone")))
     with pytest.raises(OSError):
         _export(tiny_paths, tmp_path / "b")
     assert os.listdir(tmp_path) == []
