@@ -8,7 +8,6 @@ over the whole probe sequence, so each layer is read once.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tinyv.engine.config import PhiConfig
