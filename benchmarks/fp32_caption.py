@@ -23,7 +23,7 @@ def measure(args) -> dict:
     import torch
 
     import tinyv
-    from tinyv.engine.generate import peak_rss_mb
+    from tinyv.engine.memory import peak_rss_mb
 
     if args.threads:
         torch.set_num_threads(args.threads)

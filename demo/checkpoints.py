@@ -5,7 +5,7 @@ q/k LayerNorm and post-attention RMSNorm). Each Phi-2 ``query_key_value`` and ``
 LoRA branch with its A and B trained as separate tensors, as TinyGPT-V's stage checkpoint carries
 them; only ``tinyv``'s loaders merge them (W + alpha/r · B·A). ``write_checkpoints`` splits the
 trained tensors into the four files users hold, by a declared table that inverts
-``export/loaders.py``'s rules, so loading them runs the real strict load → LoRA merge path.
+``export/key_tables.py``'s rules, so loading them runs the real strict load → LoRA merge path.
 """
 from __future__ import annotations
 

@@ -27,6 +27,19 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def read_json(path: str, error: str):
+    """The JSON value in the file at ``path``.
+
+    A file that cannot be read or parsed raises TinyVError with ``error`` formatted with ``path``
+    and ``reason`` (what went wrong), e.g. ``"{path} is not readable JSON ({reason})"``.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise TinyVError(error.format(path=path, reason=e)) from None
+
+
 def file_entry(folder: str, name: str) -> dict:
     path = os.path.join(folder, name)
     return {"size": os.path.getsize(path), "sha256": sha256_file(path)}
@@ -42,11 +55,7 @@ def read_manifest(bundle: str, verify: bool = False) -> dict:
     path = os.path.join(bundle, MANIFEST)
     if not os.path.exists(path):
         raise TinyVError(f"{bundle} has no {MANIFEST}: it is not a tinyv bundle (or an export was cut short)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        raise TinyVError(f"{path} is not readable JSON ({e}); re-export the bundle") from None
+    manifest = read_json(path, "{path} is not readable JSON ({reason}); re-export the bundle")
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version != FORMAT_VERSION:
         raise TinyVError(

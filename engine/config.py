@@ -11,14 +11,19 @@ from dataclasses import dataclass, field, fields
 from tinyv.errors import TinyVError
 
 
-def _from_dict(cls, d: dict):
-    """Build a dataclass from a dict, ignoring keys it does not know."""
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names})
+class FromDict:
+    """``from_dict(d)`` for a config dataclass: keys this version does not know are ignored, so a
+    manifest written by a newer tinyv still loads."""
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """An instance from ``d``'s known keys; the others are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 @dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(FromDict):
     """EVA ViT-g/14 as BLIP-2 uses it (no final norm, no head)."""
 
     image_size: int = 448
@@ -38,13 +43,9 @@ class VisionConfig:
     def num_tokens(self) -> int:
         return 1 + self.grid**2
 
-    @classmethod
-    def from_dict(cls, d):
-        return _from_dict(cls, d)
-
 
 @dataclass(frozen=True)
-class QFormerConfig:
+class QFormerConfig(FromDict):
     """BLIP-2's BERT-base Q-Former, query side only."""
 
     hidden: int = 768
@@ -56,13 +57,9 @@ class QFormerConfig:
     cross_attention_freq: int = 2
     encoder_width: int = 1408
 
-    @classmethod
-    def from_dict(cls, d):
-        return _from_dict(cls, d)
-
 
 @dataclass(frozen=True)
-class PhiConfig:
+class PhiConfig(FromDict):
     """Phi-2 as modified by TinyGPT-V (q/k LayerNorm, post-attention RMSNorm)."""
 
     hidden: int = 2560
@@ -79,10 +76,6 @@ class PhiConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden // self.heads
-
-    @classmethod
-    def from_dict(cls, d):
-        return _from_dict(cls, d)
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "PhiConfig":
@@ -145,7 +138,7 @@ class PhiConfig:
 
 
 @dataclass(frozen=True)
-class TinyGPTVConfig:
+class TinyGPTVConfig(FromDict):
     vision: VisionConfig = field(default_factory=VisionConfig)
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
     phi: PhiConfig = field(default_factory=PhiConfig)
@@ -176,7 +169,7 @@ class TinyGPTVConfig:
     def from_dict(cls, d: dict) -> "TinyGPTVConfig":
         top = {k: v for k, v in d.items() if k not in ("vision", "qformer", "phi")}
         return dataclasses.replace(
-            _from_dict(cls, top),
+            super().from_dict(top),
             vision=VisionConfig.from_dict(d.get("vision", {})),
             qformer=QFormerConfig.from_dict(d.get("qformer", {})),
             phi=PhiConfig.from_dict(d.get("phi", {})),

@@ -16,6 +16,7 @@ STAGE123_CHAT = "###Human: <Img><ImageHere></Img> {question}###Assistant: "
 CAPTION_QUESTION = "[caption] please describe this image?"
 VQA_QUESTION = "[vqa] Based on the image, respond to this question with a short answer: {question}"
 STAGE123_CAPTION_QUESTION = "Describe this image."
+STAGE123_VQA_QUESTION = "{question}"  # stages 1-3 have no task tags: the question as asked
 
 
 TASKS = ("caption", "vqa")
@@ -35,7 +36,7 @@ class PromptFormat:
     def for_stage(cls, stage: int) -> "PromptFormat":
         if stage >= 4:
             return cls(STAGE4_CHAT, CAPTION_QUESTION, VQA_QUESTION)
-        return cls(STAGE123_CHAT, STAGE123_CAPTION_QUESTION, "{question}")
+        return cls(STAGE123_CHAT, STAGE123_CAPTION_QUESTION, STAGE123_VQA_QUESTION)
 
     @classmethod
     def from_manifest(cls, prompt: dict) -> "PromptFormat":

@@ -6,13 +6,22 @@ import os
 from tinyv.errors import TinyVError
 
 
-def open_session(path, threads: int | None = None):
-    """An ONNX Runtime CPU session for ``vision.onnx``, all graph optimizations on."""
+def open_session(model, threads: int | None = None, *, prepack: bool = True, arena: bool = True):
+    """An ONNX Runtime CPU session, all graph optimizations on, for ``vision.onnx`` (a path) or a
+    serialized graph (``bytes``).
+
+    ``prepack=False`` leaves the weights in the mapped data file instead of copying them, and
+    ``arena=False`` turns the memory arena off (with it, ONNX Runtime kept ~2 GB after a ViT-g
+    piece's session was gone): the exporter's checks of graphs too large to hold twice use both.
+    """
     import onnxruntime as ort
 
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise TinyVError(f"vision graph not found: {path}")
+    if isinstance(model, bytes):
+        where = "a serialized vision graph"
+    else:
+        model = where = os.fspath(model)
+        if not os.path.isfile(model):
+            raise TinyVError(f"vision graph not found: {model}")
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
@@ -23,7 +32,10 @@ def open_session(path, threads: int | None = None):
     if threads:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
+    if not prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+    opts.enable_cpu_mem_arena = arena
     try:
-        return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own types for bad graphs
-        raise TinyVError(f"cannot open the vision graph {path} ({str(e).splitlines()[0]}); re-export the bundle") from None
+        raise TinyVError(f"cannot open the vision graph {where} ({str(e).splitlines()[0]}); re-export the bundle") from None

@@ -1,26 +1,13 @@
 """Memory of an export: resident set size at stage boundaries, and handing freed memory back.
 
-Figures come from the kernel (``/proc/self/status``: VmRSS now, VmHWM the peak so far), the
-same numbers ``getrusage`` reports as ``ru_maxrss``; elsewhere only the peak is known.
+The figures are ``tinyv.engine.memory.rss_mb``'s: the kernel's RSS now and the peak so far.
 """
 from __future__ import annotations
 
 import ctypes
 import gc
-import resource
-import sys
 
-
-def rss_mb() -> tuple[float, float]:
-    """(current RSS, peak RSS so far) of this process in MB (MiB)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            fields = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS:", "VmHWM:")))
-        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
-    except (OSError, KeyError, ValueError):
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        peak_mb = peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
-        return peak_mb, peak_mb
+from tinyv.engine.memory import rss_mb
 
 
 class StageMemory:

@@ -1,4 +1,5 @@
-"""Quality of a quantized LLM against fp32: KL of next-token distributions and greedy agreement.
+"""Quality of a quantized LLM against fp32: KL of next-token distributions and greedy agreement,
+and the export's gate on them.
 
 The fp32 reference is streamed: one decoder layer at a time is materialized from the checkpoint
 files (LoRA merged), so a full-size export never holds an fp32 copy of Phi-2, and it runs once
@@ -7,11 +8,11 @@ over the whole probe sequence, so each layer is read once.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tinyv.engine.config import PhiConfig
 from tinyv.engine.phi import DecoderLayer, KVCache, PhiForCausalLM, Rotary
+from tinyv.errors import TinyVError
 
 
 class StreamedPhi(PhiForCausalLM):
@@ -72,3 +73,18 @@ def compare_greedy(ref: PhiForCausalLM, quant: PhiForCausalLM, ref_prompt: torch
         "first_disagreement": int(torch.nonzero(agree == 0)[0]) if bool((agree == 0).any()) else None,
         "greedy_tokens": tokens,
     }
+
+
+def check_gate(quality: dict, min_sqnr: float | None, min_agreement: float | None, max_kl: float | None) -> None:
+    """Raise TinyVError naming every threshold ``quality`` misses (None: not checked)."""
+    fails = []
+    if min_sqnr is not None and quality["sqnr_db"]["min"] < min_sqnr:
+        w = quality["sqnr_db"]["worst"][0]
+        fails.append(f"layer SQNR {w['db']:.1f} dB at {w['layer']} < {min_sqnr} dB")
+    if min_agreement is not None and quality["token_agreement"] < min_agreement:
+        fails.append(f"greedy agreement {quality['token_agreement']:.1%} < {min_agreement:.1%}")
+    if max_kl is not None and quality["kl_mean"] > max_kl:
+        fails.append(f"mean KL {quality['kl_mean']:.4f} > {max_kl}")
+    if fails:
+        raise TinyVError("quality gate failed: " + "; ".join(fails) + " (no bundle written; try more bits "
+                         "or a smaller --group-size)")

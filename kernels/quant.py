@@ -14,6 +14,7 @@ Weights stay row-major [N, K]: decoding streams each row's bytes and scales once
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -130,12 +131,14 @@ def dequantize_weight(stored: dict[str, torch.Tensor], cfg: QuantConfig) -> torc
 def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB (inf when identical)."""
     ref, approx = ref.double(), approx.double()
-    noise = (ref - approx).pow(2).sum().item()
-    signal = ref.pow(2).sum().item()
+    return sqnr_from_sums(ref.pow(2).sum().item(), (ref - approx).pow(2).sum().item())
+
+
+def sqnr_from_sums(signal: float, noise: float) -> float:
+    """``sqnr_db`` from its two float64 sums, Σ ref² and Σ (ref − approx)², which a caller may
+    accumulate over blocks of a weight too large to compare at once."""
     if noise == 0:
         return float("inf")
     if signal == 0:
         return float("-inf")
-    import math
-
     return 10.0 * math.log10(signal / noise)

@@ -14,16 +14,18 @@ from dataclasses import dataclass
 
 import torch
 
+from tinyv.engine import prompts
 from tinyv.engine.config import TinyGPTVConfig, preset as make_preset
 
 BERT_VOCAB = 30522
 BERT_POSITIONS = 512
 
-# Text the demo tokenizer is trained on: the prompt templates and plain English words.
+# Text the demo tokenizer is trained on: the prompt templates (image placeholder left out) and
+# plain English words.
 _CORPUS = [
-    "<s>[INST] <Img></Img> [caption] please describe this image? [/INST]",
-    "###Human: <Img></Img> Describe this image.###Assistant: ",
-    "[vqa] Based on the image, respond to this question with a short answer:",
+    prompts.build_prompt(4).replace(prompts.IMAGE_PLACEHOLDER, ""),
+    prompts.build_prompt(3).replace(prompts.IMAGE_PLACEHOLDER, ""),
+    prompts.PromptFormat.for_stage(4).vqa_question.format(question="").rstrip(),
     "a red circle left of a blue square on a white background",
     "two green triangles and one yellow star near the top of the picture",
     "the cat sits on the mat while the dog sleeps under the table",

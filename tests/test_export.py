@@ -14,7 +14,10 @@ from tinyv.cli.main import cli
 from tinyv.engine.bundle import LLM_FILE, MANIFEST, read_manifest
 from tinyv.engine.llm import build_quant_phi, linear_names
 from tinyv.engine.prompts import build_prompt
+from tinyv.export import llm_quant, stages
 from tinyv.export.bundle import export_bundle
+from tinyv.export.manifest import jsonable
+from tinyv.export.quality import check_gate
 from tinyv.kernels.quant import QuantConfig, dequantize_weight, quantize_weight, sqnr_db
 
 
@@ -23,18 +26,17 @@ def _export(paths, out, **kw):
     return export_bundle(**paths.as_kwargs(), out=str(out), **kw)
 
 
+PRECISIONS = [(4, "fp32"), (8, "int8"), (16, "fp32")]
+
+
 @pytest.fixture(scope="module")
-def bundles(tiny_paths, tmp_path_factory):
-    """One bundle per (bits, vision) precision, exported once for the module."""
-    root = tmp_path_factory.mktemp("bundles")
-    out = {}
-    for bits, vision in [(4, "fp32"), (8, "int8"), (16, "fp32")]:
-        path = root / f"b{bits}-{vision}"
-        out[(bits, vision)] = (str(path), _export(tiny_paths, path, bits=bits, vision=vision))
-    return out
+def bundles(tiny_bundle):
+    """(path, what export_bundle returned) per (bits, vision): the session's shared tiny bundles
+    (read them, never change them)."""
+    return {key: (tiny_bundle(*key), tiny_bundle.manifest(*key)) for key in PRECISIONS}
 
 
-@pytest.mark.parametrize("bits, vision", [(4, "fp32"), (8, "int8"), (16, "fp32")])
+@pytest.mark.parametrize("bits, vision", PRECISIONS)
 def test_bundle_contents(bundles, bits, vision):
     path, m = bundles[(bits, vision)]
     assert read_manifest(path, verify=True) == json.load(open(os.path.join(path, MANIFEST)))
@@ -57,7 +59,7 @@ def test_bundle_contents(bundles, bits, vision):
 STAGES = ["load", "vision", "quantize", "verify", "write"]
 
 
-@pytest.mark.parametrize("bits, vision", [(4, "fp32"), (8, "int8"), (16, "fp32")])
+@pytest.mark.parametrize("bits, vision", PRECISIONS)
 def test_export_memory_per_stage(bundles, bits, vision):
     """RSS now and the peak so far at the end of every stage: returned, not written to the bundle."""
     path, m = bundles[(bits, vision)]
@@ -68,11 +70,12 @@ def test_export_memory_per_stage(bundles, bits, vision):
     assert peaks == sorted(peaks)  # the peak so far never goes down
     assert "export_memory" not in json.load(open(os.path.join(path, MANIFEST)))
     written = {k: v for k, v in m.items() if k != "export_memory"}
-    assert json.loads(json.dumps(bundle_mod._jsonable(written))) == read_manifest(path)
+    assert json.loads(json.dumps(jsonable(written))) == read_manifest(path)
 
 
 def test_stage_memory_reads_the_kernel():
-    from tinyv.export.memory import StageMemory, rss_mb
+    from tinyv.engine.memory import rss_mb
+    from tinyv.export.memory import StageMemory
 
     rss, peak = rss_mb()
     assert 0 < rss <= peak
@@ -88,10 +91,10 @@ def test_stage_memory_reads_the_kernel():
 @pytest.mark.parametrize("bits", [4, 8, 16])
 def test_quantize_rows_equals_the_whole_weight(monkeypatch, bits):
     """Quantized a block of rows at a time: the same tensors and the same SQNR as all at once."""
-    monkeypatch.setattr(bundle_mod, "BLOCK_ELEMS", 3 * 64)  # 3 rows per block, the last one short
+    monkeypatch.setattr(llm_quant, "BLOCK_ELEMS", 3 * 64)  # 3 rows per block, the last one short
     w = torch.randn(20, 64, generator=torch.Generator().manual_seed(0)).to(torch.float16)
     qcfg = QuantConfig(bits, 32)
-    stored, db = bundle_mod.quantize_rows(w, qcfg)
+    stored, db = llm_quant.quantize_rows(w, qcfg)
     whole = quantize_weight(w.float(), qcfg)
     assert stored.keys() == whole.keys() and all(torch.equal(stored[k], whole[k]) for k in whole)
     assert db == pytest.approx(sqnr_db(w.float(), dequantize_weight(whole, qcfg)), rel=1e-12)
@@ -100,13 +103,22 @@ def test_quantize_rows_equals_the_whole_weight(monkeypatch, bits):
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc")
 def test_phi2_tensors_do_not_keep_their_file_mapped(tiny_paths):
     """Every page read through a mapping counts as the process's memory while it stays mapped."""
-    from tinyv.export.loaders import phi2_source
+    from safetensors.torch import load_file
+
+    from tinyv.export.checkpoint_files import phi2_source
 
     src = phi2_source(tiny_paths.phi2)
-    kept = [src.get(k) for k in src.keys]
+    kept = [src.get(k) for k in src.keys]  # alive while the maps are read: a view would pin its file
     with open("/proc/self/maps") as f:
         assert not [line for line in f if os.path.realpath(tiny_paths.phi2) in line]
-    assert len(kept) == len(src.keys)
+    # and what was kept is the files' tensors, not empty or stand-in copies
+    files = {}
+    for name in sorted(os.listdir(tiny_paths.phi2)):
+        if name.endswith(".safetensors"):
+            files.update(load_file(os.path.join(tiny_paths.phi2, name)))
+    assert sorted(src.keys) == sorted(files)
+    for key, tensor in zip(src.keys, kept):
+        assert tensor.dtype == files[key].dtype and torch.equal(tensor, files[key]), key
 
 
 def test_quality_orders_by_precision(bundles):
@@ -209,12 +221,15 @@ def _leftovers(parent):
 
 @pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt(), OSError(errno.ENOSPC, "No space left")])
 def test_interrupted_export_leaves_nothing(tiny_paths, tmp_path, monkeypatch, exc):
-    import safetensors.torch
+    """Whatever stops an export, the staging folder goes, files and all, and a full disk is a
+    TinyVError. The stage that fails is a stand-in that half writes a file (the real stages
+    failing late are test_failure_while_writing_the_manifest and the quality gate's test)."""
+    def half_written_vision(ck, folder, precision, progress):
+        with open(os.path.join(folder, "vision.onnx"), "wb") as f:
+            f.write(b"\0" * 1000)
+            raise exc
 
-    def fail(*a, **k):
-        raise exc
-
-    monkeypatch.setattr(safetensors.torch, "save_file", fail)
+    monkeypatch.setattr(bundle_mod, "export_and_probe_vision", half_written_vision)
     out = tmp_path / "b"
     expected = {RuntimeError: RuntimeError, KeyboardInterrupt: KeyboardInterrupt, OSError: TinyVError}[type(exc)]
     with pytest.raises(expected) as info:
@@ -225,18 +240,34 @@ def test_interrupted_export_leaves_nothing(tiny_paths, tmp_path, monkeypatch, ex
 
 
 def test_failure_while_writing_the_manifest(tiny_paths, tmp_path, monkeypatch):
-    monkeypatch.setattr(bundle_mod, "_write_tokenizer", lambda *a: (_ for _ in ()).throw(OSError("disk gone")))
+    monkeypatch.setattr(stages, "write_tokenizer", lambda *a: (_ for _ in ()).throw(OSError("disk gone")))
     with pytest.raises(OSError):
         _export(tiny_paths, tmp_path / "b")
     assert os.listdir(tmp_path) == []
 
 
 def test_quality_gate_failure_writes_nothing(tiny_paths, tmp_path):
-    with pytest.raises(TinyVError, match="quality gate failed.*SQNR"):
-        _export(tiny_paths, tmp_path / "b", min_sqnr=40.0)
+    # all three thresholds out of reach: each is passed on to the gate, and named
+    with pytest.raises(TinyVError, match="quality gate failed: layer SQNR .*; greedy agreement .*; mean KL "):
+        _export(tiny_paths, tmp_path / "b", min_sqnr=40.0, min_agreement=1.01, max_kl=0.0)
     assert os.listdir(tmp_path) == []
-    m = _export(tiny_paths, tmp_path / "b", bits=8, min_sqnr=30.0, max_kl=1.0)  # a gate that passes
-    assert m["quality"]["sqnr_db"]["min"] >= 30
+
+
+def test_quality_gate_thresholds(bundles):
+    """Each threshold fails on its own figure and names it; thresholds the figures meet pass."""
+    q = bundles[(8, "int8")][1]["quality"]
+    check_gate(q, min_sqnr=30.0, min_agreement=0.0, max_kl=1.0)
+    check_gate(q, min_sqnr=None, min_agreement=None, max_kl=None)
+    worst = q["sqnr_db"]["worst"][0]
+    missed = {
+        f"layer SQNR {worst['db']:.1f} dB at {worst['layer']}": {"min_sqnr": q["sqnr_db"]["min"] + 1},
+        "greedy agreement": {"min_agreement": q["token_agreement"] + 0.01},
+        "mean KL": {"max_kl": q["kl_mean"] / 2},
+    }
+    for figure, threshold in missed.items():
+        with pytest.raises(TinyVError, match="quality gate failed") as info:
+            check_gate(q, **{"min_sqnr": None, "min_agreement": None, "max_kl": None, **threshold})
+        assert [f for f in missed if f in str(info.value)] == [figure]
 
 
 def test_existing_target_and_force(tiny_paths, tmp_path, bundles):

@@ -10,7 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinyv import TinyVError
+from tinyv.export import onnx_pieces, onnx_writer, vision_verify
 from tinyv.export import vision as vx
+from tinyv.export.onnx_pieces import partition, run_in_pieces
+from tinyv.export.onnx_writer import inline_if_small
 from tinyv.export.vision import (
     VisionEncoder,
     export_vision,
@@ -18,6 +21,8 @@ from tinyv.export.vision import (
     open_vision_session,
     probe_images,
 )
+from tinyv.export.vision_quant import quantize_pieces
+from tinyv.export.vision_trace import write_fp32_graph
 
 
 def _pixels(batch, size, seed):
@@ -155,12 +160,12 @@ def test_external_data_when_over_the_threshold(tiny_model, tmp_path):
 def test_large_fp32_graphs_are_checked_piece_by_piece(tiny_model, tmp_path, monkeypatch):
     # stands in for ViT-g, whose fp32 weights must not sit in memory twice beside the torch model
     monkeypatch.setattr(vx, "WHOLE_RUN_BYTES", 0)
-    monkeypatch.setattr(vx, "QUANT_PIECE_BYTES", 40_000)
+    monkeypatch.setattr(onnx_pieces, "PIECE_BYTES", 40_000)
     info = export_vision(tiny_model, tmp_path / "bundle", "fp32", external_data_threshold=1000, probes=probe_images(2, 64))
     assert info["verify"]["pieces"] > 3 and info["verify"]["cosine_min"] >= 0.9999
     x = _pixels(3, tiny_model.config.image_size, 11)
     path = str(tmp_path / "bundle" / "vision.onnx")
-    out, n = vx.run_in_pieces(path, {"pixel_values": x.numpy()}, piece_bytes=20_000)
+    out, n = run_in_pieces(path, {"pixel_values": x.numpy()}, piece_bytes=20_000)
     assert n > 10
     np.testing.assert_allclose(out, _run(path, x), rtol=1e-5, atol=1e-5)
 
@@ -168,13 +173,13 @@ def test_large_fp32_graphs_are_checked_piece_by_piece(tiny_model, tmp_path, monk
 def test_inlining_the_data_file_gives_the_same_model(tiny_model, tmp_path):
     ext = tmp_path / "ext" / "vision.onnx"
     ext.parent.mkdir()
-    vx._write_fp32(VisionEncoder(tiny_model), str(ext), tiny_model.config.image_size, 17)
+    write_fp32_graph(VisionEncoder(tiny_model), str(ext), tiny_model.config.image_size, 17)
     assert (tmp_path / "ext" / "vision.onnx.data").exists()
     inl = tmp_path / "inl" / "vision.onnx"
     shutil.copytree(ext.parent, inl.parent)
-    vx._inline_if_small(str(inl), 1000)  # over the threshold: stays external
+    inline_if_small(str(inl), 1000)  # over the threshold: stays external
     assert sorted(os.listdir(inl.parent)) == ["vision.onnx", "vision.onnx.data"]
-    vx._inline_if_small(str(inl), 2**31 - 1)
+    inline_if_small(str(inl), 2**31 - 1)
     assert sorted(os.listdir(inl.parent)) == ["vision.onnx"]
     a, b = onnx.load(ext), onnx.load(inl)
     onnx.checker.check_model(b)
@@ -218,7 +223,7 @@ def test_int8_export_quality_and_clean_directories(int8_export, tiny_model):
     assert info["verify"]["cosine_min"] >= 0.99
     x = _pixels(3, tiny_model.config.image_size, 3)
     got = _run(out / "vision.onnx", x)
-    assert vx.compare(got, tiny_model.encode_pixels(x).numpy())["cosine_min"] >= 0.99
+    assert vision_verify.compare(got, tiny_model.encode_pixels(x).numpy())["cosine_min"] >= 0.99
 
 
 def test_int8_external_data(tiny_model, tmp_path):
@@ -235,7 +240,7 @@ def test_quantizing_in_pieces_gives_the_same_graph(tiny_model, tmp_path):
     # input); cutting anywhere must give exactly what one piece gives
     fp32 = tmp_path / "fp32" / "vision.onnx"
     fp32.parent.mkdir()
-    vx._write_fp32(VisionEncoder(tiny_model).eval(), str(fp32), tiny_model.config.image_size, 17)
+    write_fp32_graph(VisionEncoder(tiny_model).eval(), str(fp32), tiny_model.config.image_size, 17)
     meta = onnx.load(fp32, load_external_data=False)
     inits = {t.name: t for t in meta.graph.initializer}
     x = _pixels(2, tiny_model.config.image_size, 5)
@@ -243,11 +248,11 @@ def test_quantizing_in_pieces_gives_the_same_graph(tiny_model, tmp_path):
     for budget in (1 << 30, 20_000):
         dst = tmp_path / f"q{budget}" / "vision.onnx"
         dst.parent.mkdir()
-        vx.quantize_pieces(str(fp32), str(dst), per_channel=True, piece_bytes=budget)
+        quantize_pieces(str(fp32), str(dst), per_channel=True, piece_bytes=budget)
         assert sorted(os.listdir(dst.parent)) == ["vision.onnx", "vision.onnx.data"]
         ops = [n.op_type for n in onnx.load(dst).graph.node]
         outs[budget] = (_run(dst, x), ops.count("MatMulInteger"), ops.count("DynamicQuantizeLinear"))
-    assert len(vx._partition(list(meta.graph.node), inits, 20_000)) > 5
+    assert len(partition(list(meta.graph.node), inits, 20_000)) > 5
     whole = outs[1 << 30]
     for budget, (out, n_mm, n_dq) in outs.items():
         assert (n_mm, n_dq) == whole[1:]  # shared activation quantizers are not duplicated
@@ -255,7 +260,7 @@ def test_quantizing_in_pieces_gives_the_same_graph(tiny_model, tmp_path):
 
 
 def test_int8_export_in_pieces(tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setattr(vx, "QUANT_PIECE_BYTES", 30_000)
+    monkeypatch.setattr(onnx_pieces, "PIECE_BYTES", 30_000)
     info = export_vision(tiny_model, tmp_path / "bundle", "int8", probes=probe_images(2, 64))
     assert info["verify"]["cosine_min"] >= 0.99
     assert sorted(os.listdir(tmp_path)) == ["bundle"] and sorted(os.listdir(tmp_path / "bundle")) == ["vision.onnx"]
@@ -263,23 +268,22 @@ def test_int8_export_in_pieces(tiny_model, tmp_path, monkeypatch):
 
 # -- failures leave nothing behind -----------------------------------------------------------------
 @pytest.mark.parametrize(
-    "precision,target,nth",
+    "precision,owner,name,nth",
     [
-        ("fp32", "_TensorWriter.add", 20),  # half-written weight file
-        ("fp32", "_verify", 1),
-        ("fp32", "_move_into_place", 1),
-        ("int8", "quantize_pieces", 2),  # one candidate already written
-        ("int8", "_verify", 2),
+        ("fp32", onnx_writer.TensorWriter, "add", 20),  # half-written weight file
+        ("fp32", vx, "verify_graph", 1),
+        ("fp32", vx, "_move_into_place", 1),
+        ("int8", vx, "quantize_pieces", 2),  # one candidate already written
+        ("int8", vx, "verify_graph", 2),
     ],
+    ids=["write", "fp32-verify", "move", "int8-quantize", "int8-verify"],
 )
 @pytest.mark.parametrize("existing", [False, True])
-def test_failure_mid_export_leaves_no_files(tiny_model, tmp_path, monkeypatch, precision, target, nth, existing):
+def test_failure_mid_export_leaves_no_files(tiny_model, tmp_path, monkeypatch, precision, owner, name, nth, existing):
     out = tmp_path / "bundle"
     if existing:
         out.mkdir()
         (out / "manifest.json").write_text("{}")
-    owner, _, name = target.rpartition(".")
-    owner = getattr(vx, owner) if owner else vx
     real = getattr(owner, name)
     calls = []
 
