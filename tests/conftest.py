@@ -65,6 +65,13 @@ def other_image():
 
 
 @pytest.fixture(scope="session")
+def scene_embeds(tiny_model, scene):
+    """The fp32 reference's image embeddings of ``scene``, computed once: tests of the language
+    side pass them instead of the image (the reference takes either)."""
+    return tiny_model.encode_image(scene)
+
+
+@pytest.fixture(scope="session")
 def scene_path(scene, tmp_path_factory):
     path = tmp_path_factory.mktemp("img") / "scene.png"
     scene.save(path)
@@ -84,10 +91,11 @@ def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("TINYV_DEBUG", raising=False)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
-    """One intra-op thread: on a busy 2-core machine torch's spinning pool runs the tiny model
-    up to 100x slower; results do not depend on it."""
+    """One intra-op thread for the whole session (a test that wants more sets it itself): on a
+    busy 2-core machine torch's spinning pool runs the tiny model up to 100x slower (a 160-wide
+    LayerNorm took 5 ms); results do not depend on it."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

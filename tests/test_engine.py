@@ -80,22 +80,22 @@ def _run(engine, image, question=None, **kw):
 
 # -- parity with the fp32 torch model ------------------------------------------------------------
 
-def test_16bit_bundle_greedy_tokens_identical_to_fp32_model(e16, tiny_model, scene):
-    ref = tiny_model.generate(scene, build_prompt(4), max_new_tokens=N)
+def test_16bit_bundle_greedy_tokens_identical_to_fp32_model(e16, tiny_model, scene, scene_embeds):
+    ref = tiny_model.generate(scene_embeds, build_prompt(4), max_new_tokens=N)
     got, _, last = _run(e16, scene, max_new_tokens=N)
     assert got == ref
-    assert last.finish_reason == list(tiny_model.stream(scene, max_new_tokens=N))[-1].finish_reason
-    ref_vqa = tiny_model.generate(scene, build_prompt(4, VQA_Q, task="vqa"), max_new_tokens=N)
+    assert last.finish_reason == list(tiny_model.stream(scene_embeds, max_new_tokens=N))[-1].finish_reason
+    ref_vqa = tiny_model.generate(scene_embeds, build_prompt(4, VQA_Q, task="vqa"), max_new_tokens=N)
     got_vqa, _, last_vqa = _run(e16, scene, VQA_Q, task="vqa", max_new_tokens=N)
     assert got_vqa == ref_vqa
     # the question reached the model: the prompt is the VQA template's, token for token
-    vqa_len = tiny_model.prompt_embeds(build_prompt(4, VQA_Q, task="vqa"), tiny_model.encode_image(scene)).shape[1]
+    vqa_len = tiny_model.prompt_embeds(build_prompt(4, VQA_Q, task="vqa"), scene_embeds).shape[1]
     assert last_vqa.timings["prompt_tokens"] == vqa_len > last.timings["prompt_tokens"]
     # a free question goes into the chat template like the model's build_prompt(4, q)
     q = "how many shapes are there?"
-    assert _run(e16, scene, q, max_new_tokens=8)[0] == tiny_model.generate(scene, build_prompt(4, q), max_new_tokens=8)
+    assert _run(e16, scene, q, max_new_tokens=8)[0] == tiny_model.generate(scene_embeds, build_prompt(4, q), max_new_tokens=8)
     raw = "###Human: <Img><ImageHere></Img> hi###Assistant: "  # a raw template is used as given
-    assert _run(e16, scene, prompt=raw, max_new_tokens=8)[0] == tiny_model.generate(scene, raw, max_new_tokens=8)
+    assert _run(e16, scene, prompt=raw, max_new_tokens=8)[0] == tiny_model.generate(scene_embeds, raw, max_new_tokens=8)
 
 
 def _greedy_ref(tiny_model, image, prompt, steps):
