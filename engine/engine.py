@@ -43,7 +43,10 @@ class Engine:
         self.config = TinyGPTVConfig.from_dict(manifest["model"])
         self.phi, self.tokenizer, self.kernels = phi, tokenizer, kernels
         self._open_vision, self._vision = open_vision, None
-        self.cache, self.threads = cache, threads
+        # fixed now: a new thread's torch count is whatever any thread set last, so "torch's
+        # default" must be read here, not left to the worker thread to pick up later
+        self.threads = threads = int(threads or torch.get_num_threads())
+        self.cache = cache
         self.prefixes = PrefixCache(prefix_cache_bytes)
         self.quant = QuantConfig.from_dict(manifest["quantization"])
         vision_file = manifest["vision"]["file"]
@@ -52,7 +55,7 @@ class Engine:
         self.prompt_format = PromptFormat.from_manifest(manifest["prompt"])
         # the kernels run the Linears on their own threads; torch's M = 1 ops then run on one
         self.decode_threads = 1 if kernels is not None and self.quant.bits != 16 else None
-        self._worker = Worker("tinyv-engine", setup=(lambda: torch.set_num_threads(int(threads))) if threads else None)
+        self._worker = Worker("tinyv-engine", setup=lambda: torch.set_num_threads(threads))
 
     # -- loading -----------------------------------------------------------------------------------
     @classmethod
@@ -61,7 +64,7 @@ class Engine:
              prefix_cache_bytes: int = DEFAULT_PREFIX_BYTES) -> "Engine":
         """Load ``bundle`` (a folder from ``tinyv export``; ``tinyv.load()`` also knows the built-in model).
 
-        ``threads``: CPU threads for the model (default: torch's). ``cache_dir=None`` keeps image
+        ``threads``: CPU threads for the model (default: torch's count in the loading thread). ``cache_dir=None`` keeps image
         embeddings in memory only; ``verify`` checks every file's sha256 (sizes and format are
         always checked). ``prefix_cache_bytes`` bounds the KV kept of recent images' prompt
         prefixes (0: none kept).
@@ -76,6 +79,7 @@ class Engine:
         bundle = os.fspath(bundle)
         manifest = read_manifest(bundle, verify=verify)
         tensors = mmap_safetensors(os.path.join(bundle, manifest["quantization"].get("llm_file", LLM_FILE)))
+        threads = int(threads or torch.get_num_threads())
         kernels = native.open_kernels(threads, setting)
         phi = build_quant_phi(PhiConfig.from_dict(manifest["model"]["phi"]), tensors,
                               QuantConfig.from_dict(manifest["quantization"]), kernels=kernels)

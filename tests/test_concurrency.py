@@ -202,3 +202,15 @@ def test_a_closed_engine_refuses_new_work(tiny_bundle, scene):
         assert _tokens(engine.stream(scene, max_new_tokens=2))
     with pytest.raises(TinyVError, match="closed"):
         engine.stream(scene, max_new_tokens=2)
+
+
+def test_an_engine_keeps_the_thread_count_it_was_loaded_with(tiny_bundle):
+    """Torch gives a new thread whatever count any thread set last: an engine loaded with the
+    default must keep the count of its loading thread, whatever is set afterwards elsewhere."""
+    before = torch.get_num_threads()
+    engine = Engine.load(tiny_bundle(4), cache_dir=None)
+    _in_thread(lambda: torch.set_num_threads(before + 2))  # some other thread changes its count
+    assert engine.threads == before and engine.run(torch.get_num_threads) == before
+    if engine.kernels is not None:
+        assert engine.kernels.threads == before
+    torch.set_num_threads(before)  # leave the global default as it was for the next thread
