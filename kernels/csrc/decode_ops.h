@@ -182,41 +182,73 @@ TV_AVX2 inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+// Four keys per pass (four independent FMA chains, one horizontal sum for all four); the
+// weighted sum of V by blocks of 32 output values held in registers over all positions.
 template <class T>
 TV_AVX2 void attend_avx2(const float* q, const T* K, const T* V, int n, int D, float div, float* scores, float* out) {
     const int D8 = D / 8 * 8;
-    __m256 mx = _mm256_set1_ps(-INFINITY);
-    for (int t = 0; t < n; t++) {
+    float mx = -INFINITY;
+    int t = 0;
+    for (; t + 4 <= n; t += 4) {
+        const T* k = K + (long)t * D;
+        // the cache comes from DRAM (the GEMVs evicted it) in short per-head runs that the
+        // hardware prefetcher barely ramps up on: ask for K two passes ahead and V now
+        for (int off = 0; off < 4 * D * (int)sizeof(T); off += 64) {
+            _mm_prefetch((const char*)(k + 8 * D) + off, _MM_HINT_T0);
+            _mm_prefetch((const char*)(V + (long)t * D) + off, _MM_HINT_T0);
+        }
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int d = 0; d < D8; d += 8) {
+            const __m256 qd = _mm256_loadu_ps(q + d);
+            a0 = _mm256_fmadd_ps(qd, kv_load8(k + d), a0);
+            a1 = _mm256_fmadd_ps(qd, kv_load8(k + D + d), a1);
+            a2 = _mm256_fmadd_ps(qd, kv_load8(k + 2 * D + d), a2);
+            a3 = _mm256_fmadd_ps(qd, kv_load8(k + 3 * D + d), a3);
+        }
+        const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+        alignas(16) float s4[4];
+        _mm_store_ps(s4, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+        for (int i = 0; i < 4; i++) {
+            for (int d = D8; d < D; d++) s4[i] += q[d] * kv_load(k + (long)i * D + d);
+            scores[t + i] = s4[i] / div;
+            mx = std::max(mx, scores[t + i]);
+        }
+    }
+    for (; t < n; t++) {
         const T* k = K + (long)t * D;
         __m256 acc = _mm256_setzero_ps();
         for (int d = 0; d < D8; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), kv_load8(k + d), acc);
         float s = hsum8(acc);
         for (int d = D8; d < D; d++) s += q[d] * kv_load(k + d);
         scores[t] = s / div;
-        mx = _mm256_max_ps(mx, _mm256_set1_ps(scores[t]));
+        mx = std::max(mx, scores[t]);
     }
-    const __m256 vmx = mx;
+    const __m256 vmx = _mm256_set1_ps(mx);
     __m256 vsum = _mm256_setzero_ps();
-    int t = 0;
-    for (; t + 8 <= n; t += 8) {
+    for (t = 0; t + 8 <= n; t += 8) {
         const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(scores + t), vmx));
         _mm256_storeu_ps(scores + t, e);
         vsum = _mm256_add_ps(vsum, e);
     }
     float sum = hsum8(vsum);
-    const float m = _mm256_cvtss_f32(vmx);
-    for (; t < n; t++) sum += (scores[t] = std::exp(scores[t] - m));
-    // out accumulates in registers 8 wide: D is at most a few hundred, kept in a small stack array
-    alignas(32) float acc[512];
-    std::fill(acc, acc + D, 0.f);
-    for (t = 0; t < n; t++) {
-        const T* v = V + (long)t * D;
-        const __m256 p = _mm256_set1_ps(scores[t]);
-        for (int d = 0; d < D8; d += 8) _mm256_store_ps(acc + d, _mm256_fmadd_ps(p, kv_load8(v + d), _mm256_load_ps(acc + d)));
-        for (int d = D8; d < D; d++) acc[d] += scores[t] * kv_load(v + d);
-    }
+    for (; t < n; t++) sum += (scores[t] = std::exp(scores[t] - mx));
     const float inv = 1.f / sum;
-    for (int d = 0; d < D; d++) out[d] = acc[d] * inv;
+    for (int d0 = 0; d0 < D8; d0 += 32) {
+        const int nv = std::min(4, (D8 - d0) / 8);
+        __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (t = 0; t < n; t++) {
+            const T* v = V + (long)t * D + d0;
+            const __m256 p = _mm256_set1_ps(scores[t]);
+            for (int j = 0; j < 4; j++)
+                if (j < nv) a[j] = _mm256_fmadd_ps(p, kv_load8(v + 8 * j), a[j]);
+        }
+        for (int j = 0; j < nv; j++) _mm256_storeu_ps(out + d0 + 8 * j, _mm256_mul_ps(a[j], _mm256_set1_ps(inv)));
+    }
+    for (int d = D8; d < D; d++) {
+        float acc = 0.f;
+        for (t = 0; t < n; t++) acc += scores[t] * kv_load(V + (long)t * D + d);
+        out[d] = acc * inv;
+    }
 }
 
 // y = gelu_tanh(y) over n values, as x · sigmoid(2u) (= 0.5x(1 + tanh u), u = √(2/π)(x + 0.044715x³)).
