@@ -19,9 +19,9 @@ class BuildPy(build_py):
 # run time, so no -march flag: the binary runs on any x86-64.
 qgemm = Extension(
     "tinyv.kernels._qgemm",
-    sources=["kernels/csrc/qgemm.cpp", "kernels/csrc/act.cpp", "kernels/csrc/pool.cpp"],
-    depends=[f"kernels/csrc/{h}" for h in ("tinyv_kernels.h", "job.h", "act.h", "pool.h", "kernels_avx2.h",
-                                          "kernels_avx512.h")],
+    sources=["kernels/csrc/qgemm.cpp", "kernels/csrc/decode.cpp", "kernels/csrc/act.cpp", "kernels/csrc/pool.cpp"],
+    depends=[f"kernels/csrc/{h}" for h in ("tinyv_kernels.h", "ctx.h", "job.h", "act.h", "pool.h", "kernels_avx2.h",
+                                          "kernels_avx512.h", "decode_ops.h")],
     language="c++",
     extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-Wno-uninitialized", "-Wno-maybe-uninitialized"],
     extra_link_args=["-pthread"],

@@ -89,9 +89,9 @@ def prefill(phi: PhiForCausalLM, embeds: torch.Tensor, cache: KVCache | None, po
 
 @torch.inference_mode()
 def decode_one(phi: PhiForCausalLM, token: int, pos: int, cache: KVCache) -> torch.Tensor:
-    """One token at position ``pos`` against the cache; logits [vocab] for the next."""
-    emb = phi.embed(torch.tensor([[token]], dtype=torch.long))
-    return phi.logits(phi(emb, pos, cache)[0, -1])
+    """One token at position ``pos`` against the cache; logits [vocab] for the next (one fused C
+    call for a quantized model on the compiled kernels: ``PhiForCausalLM.decode``)."""
+    return phi.decode(phi.embed(torch.tensor([[token]], dtype=torch.long)), pos, cache)
 
 
 @torch.inference_mode()

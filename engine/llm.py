@@ -3,9 +3,14 @@
 Bundle tensor names are the model's minus ``phi.``; a Linear's ``weight`` is stored as
 ``qweight`` + ``scales`` (int4 / int8) or as fp16 ``weight`` (16 bits). Embeddings are fp16,
 norms and biases fp32.
+
+On the compiled kernels at 4/8 bits a decoded token is one fused C call (``FusedDecoder``) over
+an fp16 KV cache; prefill stays on the per-layer path. ``TINYV_DECODE=unfused`` turns that off
+(per-layer decode, fp32 cache: the previous path, for comparisons).
 """
 from __future__ import annotations
 
+import os
 from typing import Mapping
 
 import torch
@@ -14,6 +19,7 @@ from torch import nn
 from tinyv.engine.config import PhiConfig
 from tinyv.errors import TinyVError
 from tinyv.engine.phi import PhiForCausalLM, Rotary
+from tinyv.kernels.decoder import DecoderDims, FusedDecoder
 from tinyv.kernels.linear import QuantLinear
 from tinyv.kernels.native import Kernels
 from tinyv.kernels.quant import QuantConfig
@@ -60,7 +66,44 @@ def build_quant_phi(cfg: PhiConfig, tensors: Mapping[str, torch.Tensor], qcfg: Q
     if extra:
         raise TinyVError(f"the bundle's LLM weights hold tensors tinyv does not know: {sorted(extra)[:5]}")
     phi.rotary = Rotary(cfg)
+    if kernels is not None and qcfg.bits in (4, 8) and decode_setting() == "fused":
+        phi.decoder = fused_decoder(phi, qcfg, kernels)
+        phi.kv_dtype = torch.float16  # the fused step reads and writes it directly
     return phi.eval()
+
+
+def decode_setting() -> str:
+    """``TINYV_DECODE``: ``fused`` (default) or ``unfused``; anything else is a ``TinyVError``."""
+    raw = os.environ.get("TINYV_DECODE", "fused")
+    choice = raw.strip().lower() or "fused"
+    if choice not in ("fused", "unfused"):
+        raise TinyVError(f"TINYV_DECODE={raw!r} is not one of fused, unfused: unset it or set one of those")
+    return choice
+
+
+def fused_decoder(phi: PhiForCausalLM, qcfg: QuantConfig, kernels: Kernels) -> FusedDecoder:
+    """The one-call decode step over ``phi``'s own (quantized) weights, on ``kernels``."""
+    cfg = phi.cfg
+
+    def linear(m: QuantLinear) -> tuple:
+        return m.qweight, m.scales, m.bias
+
+    layers = []
+    for layer in phi.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        layers.append({
+            "ln_w": layer.input_layernorm.weight, "ln_b": layer.input_layernorm.bias,
+            "qkv": linear(attn.query_key_value), "dense": linear(attn.dense),
+            "q_ln_w": attn.q_layernorm.weight, "q_ln_b": attn.q_layernorm.bias,
+            "k_ln_w": attn.k_layernorm.weight, "k_ln_b": attn.k_layernorm.bias,
+            "post_w": layer.post_layernorm.weight, "fc1": linear(mlp.fc1), "fc2": linear(mlp.fc2),
+        })
+    head = {"final_w": phi.final_layernorm.weight, "final_b": phi.final_layernorm.bias,
+            "lm_head": linear(phi.lm_head)}
+    cos, sin = phi.rotary.cos_sin(0, cfg.max_positions)
+    dims = DecoderDims(cfg.hidden, cfg.layers, cfg.heads, cfg.head_dim, cfg.rotary_dim, cfg.intermediate,
+                       cfg.vocab_size, cfg.max_positions, qcfg.bits, qcfg.group_size, cfg.eps, cfg.rms_eps)
+    return FusedDecoder(kernels, dims, layers, head, cos, sin)
 
 
 def weight_bytes(phi: PhiForCausalLM) -> int:

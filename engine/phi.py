@@ -28,7 +28,10 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: ``k``/``v`` are [L, B, H, max_len, D]."""
+    """Preallocated keys and values for every layer: ``k``/``v`` are [L, B, H, max_len, D].
+
+    ``dtype`` float16 halves it (the quantized engine's cache; attention reads it in fp32); the
+    fp32 reference model keeps float32."""
 
     def __init__(self, cfg: PhiConfig, max_len: int, batch: int = 1, dtype=torch.float32, device=None):
         shape = (cfg.layers, batch, cfg.heads, max_len, cfg.head_dim)
@@ -101,6 +104,7 @@ class Attention(nn.Module):
         q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, pos, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # an fp16 cache is read in fp32
         scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(self.head_dim)  # [B, H, S, T]
         T = k.shape[2]
         if S > 1:
@@ -148,6 +152,9 @@ class PhiForCausalLM(nn.Module):
         self.final_layernorm = nn.LayerNorm(cfg.hidden, eps=cfg.eps)
         self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size)
         self.rotary = Rotary(cfg)
+        self.kv_dtype = torch.float32  # of the caches new_cache makes
+        # a fused one-token step (kernels/decoder.py's FusedDecoder, set by engine/llm.py), or None
+        self.decoder = None
 
     def layer(self, i: int) -> DecoderLayer:
         """Decoder layer ``i`` (a streaming subclass materializes it on demand)."""
@@ -159,14 +166,27 @@ class PhiForCausalLM(nn.Module):
 
     def new_cache(self, max_len: int | None = None, batch: int = 1) -> KVCache:
         p = self.final_layernorm.weight  # fp32 in every form of the model (quantized too)
-        return KVCache(self.cfg, max_len or self.cfg.max_positions, batch, dtype=torch.float32, device=p.device)
+        return KVCache(self.cfg, max_len or self.cfg.max_positions, batch, dtype=self.kv_dtype, device=p.device)
+
+    def _check_room(self, pos: int, S: int, cache: KVCache | None) -> None:
+        if pos + S > self.cfg.max_positions or (cache is not None and pos + S > cache.max_len):
+            limit = self.cfg.max_positions if cache is None else min(cache.max_len, self.cfg.max_positions)
+            raise ValueError(f"sequence of {pos + S} positions exceeds the context length {limit}")
+
+    def decode(self, embeds: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
+        """Logits [vocab] after one token's embeds [1, 1, hidden] at ``pos`` (cache filled below it):
+        the fused step when the model has one, else forward + lm_head."""
+        if self.decoder is None or cache.k.shape[1] != 1:
+            return self.logits(self(embeds, pos, cache)[0, -1])
+        self._check_room(pos, 1, cache)
+        logits = self.decoder.step(embeds, pos, cache.k, cache.v)
+        cache.length = pos + 1
+        return logits
 
     def forward(self, embeds: torch.Tensor, pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
         """Hidden states after ``final_layernorm`` for embeds [B, S, hidden] at positions pos..pos+S-1."""
         S = embeds.shape[1]
-        if pos + S > self.cfg.max_positions or (cache is not None and pos + S > cache.max_len):
-            limit = self.cfg.max_positions if cache is None else min(cache.max_len, self.cfg.max_positions)
-            raise ValueError(f"sequence of {pos + S} positions exceeds the context length {limit}")
+        self._check_room(pos, S, cache)
         cos, sin = self.rotary.cos_sin(pos, S, device=embeds.device)
         cos, sin = cos.to(embeds.dtype), sin.to(embeds.dtype)
         x = embeds

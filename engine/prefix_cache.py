@@ -4,8 +4,8 @@ prefills only its own tokens (``Engine.stream`` and ``tinyv ask`` too, not only 
 A prefix is the text before the image and the image's embeddings; its entry is keyed by the
 image's content key (which names the bundle's vision graph) and that text (the template). Each
 engine has its own cache, so another bundle never meets these entries. Entries keep exactly the
-positions of the prefix, in fp32 (a reused prefix gives the very tokens a fresh run gives), and the
-cache is bounded by bytes, least recently used first out. Touched only on the engine's worker.
+positions of the prefix, in the working cache's dtype (fp16 on the fused quantized path, else fp32:
+a reused prefix gives the very tokens a fresh run gives), and the cache is bounded by bytes, least recently used first out. Touched only on the engine's worker.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 from tinyv.engine.generate import Prefix
 from tinyv.engine.phi import PhiForCausalLM
 
-DEFAULT_MAX_BYTES = 256 << 20  # a full-size Phi-2 prefix (~48 positions) is ~31 MB
+DEFAULT_MAX_BYTES = 256 << 20  # a full-size Phi-2 prefix (~48 positions) is ~31 MB in fp32, ~16 MB in fp16
 
 
 @dataclass

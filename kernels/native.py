@@ -24,7 +24,7 @@ import weakref
 import torch
 
 ISA_NAMES = ("scalar", "avx2", "avx512-vnni")
-ABI_VERSION = 2
+ABI_VERSION = 3
 _FORCED_ISA = {"scalar": 0, "avx2": 1, "avx512": 2}  # setting -> the C ABI's ISA number
 _BEST_ISA = -1
 _FLAG_GELU = 1
@@ -82,6 +82,14 @@ def _open_library(path: str) -> tuple[ctypes.CDLL | None, str]:
     lib.tv_qgemm.argtypes = [  # ctx, M, N, K, x, ldx, w, scales, G, bits, bias, y, ldy, flags
         ctx_p, c_int, c_int, c_int, ptr, ctypes.c_long, ptr, ptr, c_int, c_int, ptr, ptr, ctypes.c_long, c_int,
     ]
+    # the fused decode step (kernels/decoder.py declares the structs)
+    lib.tv_phi_new.restype, lib.tv_phi_new.argtypes = ptr, [ptr]
+    lib.tv_phi_free.restype, lib.tv_phi_free.argtypes = None, [ptr]
+    lib.tv_phi_set_layer.restype, lib.tv_phi_set_layer.argtypes = c_int, [ptr, c_int, ptr]
+    lib.tv_phi_set_head.restype, lib.tv_phi_set_head.argtypes = c_int, [ptr, ptr, ptr, ptr]
+    lib.tv_decode_step.restype = c_int
+    lib.tv_decode_step.argtypes = [ctx_p, ptr, ptr, c_int, ptr, ptr, c_int, c_int, ptr]
+    lib.tv_phi_profile.restype, lib.tv_phi_profile.argtypes = ctypes.c_long, [ptr, ptr, c_int]
     return lib, ""
 
 
@@ -184,6 +192,12 @@ class Kernels:
     def close(self) -> None:
         """Stop the context's threads and free it (idempotent; garbage collection does it too)."""
         self._free()
+
+    def handle(self) -> tuple[ctypes.CDLL, int]:
+        """The library and the C context (for the fused decoder, ``kernels/decoder.py``)."""
+        if not self._free.alive:
+            raise RuntimeError(f"{self!r} is closed")
+        return self._lib, self._ctx
 
     def qgemm(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
               bias: torch.Tensor | None = None, gelu: bool = False) -> torch.Tensor:

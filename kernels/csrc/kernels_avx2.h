@@ -26,6 +26,24 @@ TV_AVX2 inline __m256 lane_scales256(const uint16_t* sr, int byte0, int bytes_pe
     return _mm256_load_ps(s);
 }
 
+// The same for a compile-time group width of BPG bytes, without the scalar loop (and its store-
+// forwarding stall) wherever the 32 bytes lie inside the row's groups: 8 lanes span 2 groups
+// (BPG 16) or lie in one (BPG >= 32). At M = 1 the loop above was most of a row's time.
+template <int BPG>
+TV_AVX2 inline __m256 lane_scales256_fixed(const uint16_t* sr, int byte0, int ngroups) {
+    const int g = byte0 / BPG;
+    if constexpr (BPG >= 32) {
+        return g < ngroups ? _mm256_cvtph_ps(_mm_set1_epi16((short)sr[g])) : _mm256_setzero_ps();
+    } else {
+        static_assert(BPG == 16, "groups of 16 bytes or multiples of 32");
+        if (g + 1 >= ngroups) return lane_scales256(sr, byte0, BPG, ngroups);
+        int32_t two;
+        std::memcpy(&two, sr + g, 4);
+        const __m256 f = _mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128(two)));
+        return _mm256_permutevar8x32_ps(f, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+    }
+}
+
 template <int G>
 struct Q4Avx2 {
     template <int MR>
@@ -42,7 +60,7 @@ struct Q4Avx2 {
         for (int b = 0; b < Kp / 2; b += 32) {
             const int c = b / 64, h = (b % 64) / 32;
             const __m256i wv = _mm256_loadu_si256((const __m256i*)span_or_padded(wr, b, rowbytes, 32, 0x88, wtail));
-            const __m256 sw = lane_scales256(sr, b, G / 2, K / G);
+            const __m256 sw = lane_scales256_fixed<G / 2>(sr, b, K / G);
             const __m256i lo = _mm256_and_si256(wv, mask);
             const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), mask);
             for (int r = 0; r < MR; r++) {
@@ -74,7 +92,7 @@ struct Q8Avx2 {
         alignas(32) int8_t wtail[32];
         for (int b = 0; b < Kp; b += 32) {
             const __m256i wv = _mm256_loadu_si256((const __m256i*)span_or_padded(wr, b, K, 32, 0, wtail));
-            const __m256 sw = lane_scales256(sr, b, G, K / G);
+            const __m256 sw = lane_scales256_fixed<G>(sr, b, K / G);
             const __m256i wabs = _mm256_sign_epi8(wv, wv);
             for (int r = 0; r < MR; r++) {
                 const long m = m0 + r;

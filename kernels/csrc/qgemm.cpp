@@ -28,21 +28,13 @@
 #include <new>
 
 #include "act.h"
+#include "ctx.h"
 #include "job.h"
 #include "kernels_avx2.h"
 #include "kernels_avx512.h"
 #include "pool.h"
 
 #define TV_EXPORT extern "C" __attribute__((visibility("default")))
-
-// Everything a caller's GEMMs need; see tinyv_kernels.h for the one-thread-at-a-time rule.
-struct tv_ctx {
-    int isa = tinyv::ISA_SCALAR;
-    int threads = 1;
-    std::atomic<int> spin_us{50};        // read live by the pool's workers
-    std::atomic<bool> in_use{false};     // set for the length of a tv_qgemm
-    tinyv::ThreadPool* pool = nullptr;   // made on first parallel job; remade in a forked child
-};
 
 namespace tinyv {
 namespace {
@@ -56,18 +48,6 @@ int cpu_best_isa() {
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
         return ISA_AVX2;
     return ISA_SCALAR;
-}
-
-// fn(arg, i, n) for i in [0, n) on the context's pool, the caller as i = 0.
-void parallel_for(tv_ctx* ctx, int n, void (*fn)(void*, int, int), void* arg) {
-    if (n <= 1) {
-        fn(arg, 0, 1);
-        return;
-    }
-    // First use, or a forked child: the parent's workers do not exist here, so its pool is left
-    // alone (joining or destroying it would wait on threads that will never answer).
-    if (!ctx->pool || ctx->pool->owner() != getpid()) ctx->pool = new ThreadPool(ctx->spin_us);
-    ctx->pool->run(n, fn, arg);
 }
 
 // Scalar reference: the same integer sums, one group at a time.
@@ -122,15 +102,6 @@ void rows_simd_grouped(const Job& j, int n0, int n1) {
     return q4 ? rows_simd<Q4Avx2<G>>(j, n0, n1) : rows_simd<Q8Avx2<G>>(j, n0, n1);
 }
 
-void run_rows(const Job& j, int n0, int n1) {
-    if (j.isa == ISA_SCALAR) return rows_scalar(j, n0, n1);
-    switch (j.G) {
-        case 32: return rows_simd_grouped<32>(j, n0, n1);
-        case 64: return rows_simd_grouped<64>(j, n0, n1);
-        default: return rows_simd_grouped<128>(j, n0, n1);
-    }
-}
-
 // Rows per task: a multiple of 16 (a cache line of output) so threads never share a line.
 void gemm_task(void* p, int i, int n) {
     const Job& j = *(const Job*)p;
@@ -148,12 +119,33 @@ void quant_task(void* p, int i, int n) {
 }
 
 }  // namespace
+
+void parallel_for(tv_ctx* ctx, int n, void (*fn)(void*, int, int), void* arg) {
+    if (n <= 1) {
+        fn(arg, 0, 1);
+        return;
+    }
+    // First use, or a forked child: the parent's workers do not exist here, so its pool is left
+    // alone (joining or destroying it would wait on threads that will never answer).
+    if (!ctx->pool || ctx->pool->owner() != getpid()) ctx->pool = new ThreadPool(ctx->spin_us);
+    ctx->pool->run(n, fn, arg);
+}
+
+void run_rows(const Job& j, int n0, int n1) {
+    if (j.isa == ISA_SCALAR) return rows_scalar(j, n0, n1);
+    switch (j.G) {
+        case 32: return rows_simd_grouped<32>(j, n0, n1);
+        case 64: return rows_simd_grouped<64>(j, n0, n1);
+        default: return rows_simd_grouped<128>(j, n0, n1);
+    }
+}
+
 }  // namespace tinyv
 
 // ---------------------------------------------------------------------------------------------
 // C ABI (documented in tinyv_kernels.h)
 
-TV_EXPORT int tv_abi_version(void) { return 2; }
+TV_EXPORT int tv_abi_version(void) { return 3; }
 
 TV_EXPORT int tv_cpu_features(void) {
     const int best = tinyv::cpu_best_isa();

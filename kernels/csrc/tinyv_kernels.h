@@ -1,4 +1,4 @@
-// The C ABI of tinyv's CPU kernels (loaded with ctypes by kernels/native.py; version 2).
+// The C ABI of tinyv's CPU kernels (loaded with ctypes by kernels/native.py; version 3).
 //
 // All state lives in a context the caller creates: its ISA, its thread count and its own thread
 // pool. Nothing on the GEMM path is process-wide, so two contexts used from two threads at the
@@ -13,7 +13,7 @@ extern "C" {
 
 typedef struct tv_ctx tv_ctx;
 
-// 2 for this ABI; the Python side refuses a library with another number.
+// 3 for this ABI; the Python side refuses a library with another number.
 int tv_abi_version(void);
 
 // Bit set of what the CPU offers: 1 = the AVX2 path is usable, 2 = the AVX-512 VNNI path is.
@@ -41,6 +41,56 @@ void tv_ctx_set_spin_us(tv_ctx* ctx, int us);
 // context is in use by another thread.
 int tv_qgemm(tv_ctx* ctx, int M, int N, int K, const float* x, long ldx, const void* w,
              const unsigned short* scales, int G, int bits, const float* bias, float* y, long ldy, int flags);
+
+// ---- The fused decode step (decode.cpp): one token through a whole Phi-2 (as TinyGPT-V modifies
+// it: SPEC §1) in one call. A model handle holds the dimensions, pointers to the caller's weights
+// (which must outlive it: nothing is copied) and its own scratch; one step at a time per handle.
+
+typedef struct tv_phi tv_phi;
+
+typedef struct {
+    int hidden, layers, heads, head_dim, rotary_dim, intermediate, vocab, max_positions;
+    int bits, group;              // every Linear: bits 4 or 8, groups of 32, 64 or 128 (tv_qgemm's formats)
+    float eps, rms_eps;           // LayerNorm eps (input, q/k, final); post-attention RMSNorm eps
+    const float* rope_cos;        // [max_positions, rotary_dim]: NeoX rotate_half tables, kept by the caller
+    const float* rope_sin;
+} tv_phi_dims;
+
+typedef struct {                  // one quantized Linear, as tv_qgemm takes it
+    const void* w;                // int4: uint8 [N, K/2]; int8: int8 [N, K]
+    const unsigned short* scales; // fp16 [N, K/G]
+    const float* bias;            // fp32 [N] or NULL
+} tv_qlinear;
+
+typedef struct {
+    const float *ln_w, *ln_b;               // input_layernorm [hidden] (b may be NULL: zero)
+    tv_qlinear qkv;                         // [3 * hidden] rows laid out per head [H, 3, head_dim]
+    const float *q_ln_w, *q_ln_b;           // q_layernorm, k_layernorm [head_dim] (b may be NULL)
+    const float *k_ln_w, *k_ln_b;
+    tv_qlinear dense;                       // [hidden, hidden]
+    const float* post_w;                    // post_layernorm RMSNorm [hidden]
+    tv_qlinear fc1, fc2;                    // [intermediate, hidden], [hidden, intermediate]
+} tv_phi_layer;
+
+// A handle for a model of these dimensions; NULL for dimensions it cannot take or out of memory.
+tv_phi* tv_phi_new(const tv_phi_dims* dims);
+void tv_phi_free(tv_phi* model);
+
+// Layer i's weights, and the final LayerNorm + lm_head [vocab, hidden]; 0, or -1 for bad arguments.
+int tv_phi_set_layer(tv_phi* model, int i, const tv_phi_layer* layer);
+int tv_phi_set_head(tv_phi* model, const float* final_ln_w, const float* final_ln_b, const tv_qlinear* lm_head);
+
+// Token embedding x [hidden] at position pos: appends its keys/values to the cache k, v (each
+// [layers, 1, heads, kv_len, head_dim], fp16 if kv_fp16 else fp32, positions < pos already
+// filled), attends over positions 0..pos and writes logits [vocab]. Returns 0; -1 for bad
+// arguments (pos outside the cache or max_positions, weights not all set); -2 when the context
+// or the handle is in use by another thread.
+int tv_decode_step(tv_ctx* ctx, tv_phi* model, const float* x, int pos, void* k, void* v, int kv_len, int kv_fp16,
+                   float* logits);
+
+// Nanoseconds spent since the last reset in ns_out[3] = {GEMV phases, attention phases, the
+// rest (norms, quantizing activations, residuals)}; returns the steps they cover; reset if asked.
+long tv_phi_profile(tv_phi* model, double* ns_out, int reset);
 
 #ifdef __cplusplus
 }
