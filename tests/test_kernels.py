@@ -285,15 +285,8 @@ def test_kernels_threads_and_close():
 # -- the engine on tiny bundles: native kernels vs the torch path ---------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_bundles(tiny_paths, tmp_path_factory):
-    from tinyv.export.bundle import export_bundle
-
-    root = tmp_path_factory.mktemp("kernel-bundles")
-    out = {}
-    for bits in (4, 8):
-        out[bits] = str(root / f"b{bits}")
-        export_bundle(**tiny_paths.as_kwargs(), out=out[bits], preset="tiny", bits=bits, vision="fp32")
-    return out
+def tiny_bundles(tiny_bundle):
+    return {bits: tiny_bundle(bits) for bits in (4, 8)}
 
 
 def _engine_run(bundle, image, mode, monkeypatch):
@@ -302,8 +295,7 @@ def _engine_run(bundle, image, mode, monkeypatch):
     from tinyv.engine.generate import build_prompt_embeds
 
     use(mode, monkeypatch)
-    torch.set_num_threads(2)
-    engine = Engine.load(bundle, cache_dir=None)
+    engine = Engine.load(bundle, threads=2, cache_dir=None)
     tokens = [[s.token for s in engine.stream(image, question=q, max_new_tokens=16) if s.token is not None]
               for q in (None, "what colour is the circle?")]
     return engine, tokens
