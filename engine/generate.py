@@ -18,7 +18,7 @@ import torch
 from tinyv.engine.memory import peak_rss_mb
 from tinyv.engine.phi import KVCache, PhiForCausalLM
 from tinyv.engine.prompts import STOP_STRINGS, cut_at_stop, held_back, split_prompt
-from tinyv.engine.sampling import make_sampler
+from tinyv.engine.sampling import check_sampling, make_sampler
 from tinyv.engine.tokenizer import StreamDecoder, Tokenizer
 from tinyv.errors import TinyVError
 
@@ -40,7 +40,7 @@ class GenerationOptions:
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise TinyVError("max_new_tokens must be at least 1")
-        self.sampler()  # a bad temperature / top_p / penalty fails here, at the call
+        check_sampling(self.temperature, self.top_p, self.repetition_penalty)  # at the call, not on the worker
 
     def sampler(self):
         return make_sampler(self.greedy, self.temperature, self.top_p, self.repetition_penalty, self.seed)

@@ -5,7 +5,8 @@ A prefix is the text before the image and the image's embeddings; its entry is k
 image's content key (which names the bundle's vision graph) and that text (the template). Each
 engine has its own cache, so another bundle never meets these entries. Entries keep exactly the
 positions of the prefix, in the working cache's dtype (fp16 on the fused quantized path, else fp32:
-a reused prefix gives the very tokens a fresh run gives), and the cache is bounded by bytes, least recently used first out. Touched only on the engine's worker.
+a reused prefix gives the very tokens a fresh run gives), and the cache is bounded by bytes, least
+recently used first out. Touched only on the engine's worker.
 """
 from __future__ import annotations
 

@@ -37,6 +37,14 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return out
 
 
+def check_sampling(temperature: float, top_p: float, repetition_penalty: float) -> None:
+    """A ``TinyVError`` for options out of range (before any work is queued)."""
+    if temperature < 0 or not 0 < top_p <= 1 or repetition_penalty <= 0:
+        raise TinyVError(
+            "sampling options out of range: temperature >= 0, 0 < top_p <= 1, repetition_penalty > 0"
+        )
+
+
 def make_sampler(
     greedy: bool = True,
     temperature: float = 1.0,
@@ -44,10 +52,7 @@ def make_sampler(
     repetition_penalty: float = 1.0,
     seed: int | None = None,
 ) -> Sampler:
-    if temperature < 0 or not 0 < top_p <= 1 or repetition_penalty <= 0:
-        raise TinyVError(
-            "sampling options out of range: temperature >= 0, 0 < top_p <= 1, repetition_penalty > 0"
-        )
+    check_sampling(temperature, top_p, repetition_penalty)
     if temperature == 0:
         greedy = True
     gen = torch.Generator()

@@ -116,10 +116,8 @@ class Stream:
         self.close()
 
     def __del__(self):
-        channel = getattr(self, "_channel", None)
-        if channel is not None:
-            channel.closed.set()
-            self._future.cancel()
+        if hasattr(self, "_future"):  # not when __init__ failed before submitting
+            self.close()
 
 
 class Worker:
