@@ -73,7 +73,7 @@ def check(y, ref, tol=1e-5):
 
 
 SHAPES = [  # (M, N, K): K not a multiple of 128/256, N not a multiple of 16, M over 1..600
-    (1, 1, 32), (1, 37, 96), (2, 70, 160), (3, 33, 288), (5, 129, 2560 + 32), (7, 16, 384),
+    (1, 1, 32), (1, 37, 96), (1, 29, 2560 + 64 + 32), (2, 70, 160), (3, 33, 288), (5, 129, 2560 + 32), (7, 16, 384),
     (1, 300, 1024), (17, 45, 640), (64, 64, 256), (600, 24, 224),
 ]
 
@@ -113,8 +113,9 @@ def test_misaligned_and_strided_inputs(bits):
     buf = torch.randn(5, k + 3, generator=gen)
     x = buf[:, 1 : k + 1]  # rows 4 bytes off and a row stride of k + 3
     for path in isas():
-        y = opened(path).qgemm(x, shifted, stored["scales"], bits, 32, None)
-        check(y, reference(x.contiguous(), stored, cfg, None))
+        for rows in (x, x[2:3]):  # M > 1 and the decode path's M = 1
+            y = opened(path).qgemm(rows, shifted, stored["scales"], bits, 32, None)
+            check(y, reference(rows.contiguous(), stored, cfg, None))
 
 
 def test_activation_quantization_error_is_small():
