@@ -20,6 +20,16 @@ from tinyv.engine.config import TinyGPTVConfig, preset as make_preset
 BERT_VOCAB = 30522
 BERT_POSITIONS = 512
 
+# Planted outliers (``outliers=N``): real Phi-2 and ViTs carry a few residual channels whose
+# activations are 10-100x the rest ("massive activations"; high-norm tokens in ViTs). Random
+# weights have none, which flatters int8 activations; these make them show.
+OUTLIER_GAIN = 60.0
+
+
+def outlier_channels(width: int, count: int) -> list[int]:
+    """The ``count`` residual channels that planting makes large: spread over the width, fixed."""
+    return [int((i + 0.37) * width / count) for i in range(count)]
+
 # Text the demo tokenizer is trained on: the prompt templates (image placeholder left out) and
 # plain English words.
 _CORPUS = [
@@ -85,11 +95,14 @@ def write_tokenizer(folder: str, vocab_size: int = 400) -> None:
         json.dump({"tokenizer_class": "CodeGenTokenizer", "add_bos_token": False, "model_max_length": 2048}, f)
 
 
-def _phi2_tensors(cfg: TinyGPTVConfig, r: _Rand, split: bool, act_scale: float):
+def _phi2_tensors(cfg: TinyGPTVConfig, r: _Rand, split: bool, act_scale: float, outliers: int = 0):
     """Yield (key, tensor) of a Phi-2 folder, layer by layer (keeps full-size writing lean)."""
     p = cfg.phi
     h, H, D = p.hidden, p.heads, p.head_dim
-    yield "model.embed_tokens.weight", r.normal(p.vocab_size, h, std=act_scale)
+    big = outlier_channels(h, outliers)
+    embed = r.normal(p.vocab_size, h, std=act_scale)
+    embed[:, big] = embed[:, big].abs() * OUTLIER_GAIN  # every token carries them into the residual stream
+    yield "model.embed_tokens.weight", embed
     for i in range(p.layers):
         pre = f"model.layers.{i}."
         qkv_w, qkv_b = r.linear(3 * h, h), r.bias(3 * h)
@@ -106,7 +119,9 @@ def _phi2_tensors(cfg: TinyGPTVConfig, r: _Rand, split: bool, act_scale: float):
         yield pre + "mlp.fc1.weight", r.linear(p.intermediate, h)
         yield pre + "mlp.fc1.bias", r.bias(p.intermediate)
         yield pre + "mlp.fc2.weight", r.linear(h, p.intermediate)
-        yield pre + "mlp.fc2.bias", r.bias(h)
+        fc2_bias = r.bias(h)
+        fc2_bias[big] += OUTLIER_GAIN * act_scale / p.layers  # and each layer adds to them, as in Phi-2
+        yield pre + "mlp.fc2.bias", fc2_bias
         yield pre + "input_layernorm.weight", r.norm_weight(h)  # replaced by the stage file's
         yield pre + "input_layernorm.bias", r.bias(h)
     yield "model.final_layernorm.weight", r.norm_weight(h)
@@ -116,7 +131,7 @@ def _phi2_tensors(cfg: TinyGPTVConfig, r: _Rand, split: bool, act_scale: float):
 
 
 def write_phi2(folder: str, cfg: TinyGPTVConfig, seed: int = 0, *, fmt: str = "fused", file: str = "safetensors",
-               dtype=torch.float16, shard_bytes: int = 2 << 30, act_scale: float = 1.0) -> None:
+               dtype=torch.float16, shard_bytes: int = 2 << 30, act_scale: float = 1.0, outliers: int = 0) -> None:
     """A Phi-2 folder: transformers-4.36 ``fmt="fused"`` or newer ``fmt="split"`` q/k/v.
 
     ``file`` is ``safetensors`` (sharded with an index past ``shard_bytes``) or ``bin``.
@@ -128,7 +143,7 @@ def write_phi2(folder: str, cfg: TinyGPTVConfig, seed: int = 0, *, fmt: str = "f
         json.dump(cfg.phi.to_hf_config(), f, indent=2)
     write_tokenizer(folder)
     r = _Rand(seed)
-    tensors = ((k, v.to(dtype).contiguous()) for k, v in _phi2_tensors(cfg, r, fmt == "split", act_scale))
+    tensors = ((k, v.to(dtype).contiguous()) for k, v in _phi2_tensors(cfg, r, fmt == "split", act_scale, outliers))
     if file == "bin":
         torch.save(dict(tensors), os.path.join(folder, "pytorch_model.bin"))
         return
@@ -161,7 +176,7 @@ def write_phi2(folder: str, cfg: TinyGPTVConfig, seed: int = 0, *, fmt: str = "f
 
 
 def write_vit(path: str, cfg: TinyGPTVConfig, seed: int = 1, *, dtype=torch.float16, extra_block: bool = True,
-              act_scale: float = 1.0) -> None:
+              act_scale: float = 1.0, outliers: int = 0) -> None:
     """``eva_vit_g.pth``: a plain state dict, pos_embed at the pretraining grid, one unused extra block."""
     v, r = cfg.vision, _Rand(seed)
     W, grid = v.width, v.pretrain_image_size // v.patch_size
@@ -182,7 +197,21 @@ def write_vit(path: str, cfg: TinyGPTVConfig, seed: int = 1, *, dtype=torch.floa
             pre + "mlp.fc1.weight": r.linear(v.mlp_hidden, W), pre + "mlp.fc1.bias": r.bias(v.mlp_hidden),
             pre + "mlp.fc2.weight": r.linear(W, v.mlp_hidden, gain=0.5), pre + "mlp.fc2.bias": r.bias(W),
         })
+    if outliers:
+        _plant_vit_outliers(sd, v.depth, W, outliers, act_scale)
     torch.save({k: t.to(dtype) for k, t in sd.items()}, path)
+
+
+def _plant_vit_outliers(sd: dict, depth: int, width: int, count: int, act_scale: float) -> None:
+    """Large residual channels for every token, grown by the middle blocks' MLPs, and a few
+    high-norm tokens (the kind ViTs use as registers), after the weights are drawn so that the
+    other tensors stay those of the same seed without planting."""
+    big = outlier_channels(width, count)
+    sd["patch_embed.proj.bias"][big] += OUTLIER_GAIN * act_scale / 2
+    for i in range(depth // 3, depth):
+        sd[f"blocks.{i}.mlp.fc2.bias"][big] += OUTLIER_GAIN * act_scale / depth
+    tokens = sd["pos_embed"].shape[1]
+    sd["pos_embed"][0, [tokens // 3, 2 * tokens // 3]] *= OUTLIER_GAIN / 6
 
 
 def write_qformer(path: str, cfg: TinyGPTVConfig, seed: int = 2, *, dtype=torch.float32) -> None:
@@ -267,8 +296,13 @@ def write_stage(path: str, cfg: TinyGPTVConfig, seed: int = 3, *, lora: str = "p
 
 def write_checkpoints(out_dir: str, preset: str | TinyGPTVConfig = "tiny", seed: int = 0, *,
                       phi_format: str = "fused", phi_file: str = "safetensors", lora: str = "plain",
-                      peft_prefix: bool = True, act_scale: float = 1.0, shard_bytes: int = 2 << 30) -> CheckpointPaths:
-    """Write all four checkpoint sources for ``preset`` into ``out_dir``; return their paths."""
+                      peft_prefix: bool = True, act_scale: float = 1.0, shard_bytes: int = 2 << 30,
+                      outliers: int = 0) -> CheckpointPaths:
+    """Write all four checkpoint sources for ``preset`` into ``out_dir``; return their paths.
+
+    ``outliers=N`` plants N massive-activation channels in Phi-2's and the ViT's residual streams
+    (and high-norm ViT tokens), as real checkpoints have, to measure quantization honestly.
+    """
     cfg = make_preset(preset) if isinstance(preset, str) else preset
     os.makedirs(out_dir, exist_ok=True)
     paths = CheckpointPaths(
@@ -277,8 +311,9 @@ def write_checkpoints(out_dir: str, preset: str | TinyGPTVConfig = "tiny", seed:
         qformer=os.path.join(out_dir, "blip2_pretrained_flant5xxl.pth"),
         stage=os.path.join(out_dir, f"TinyGPT-V_for_Stage{cfg.stage}.pth"),
     )
-    write_phi2(paths.phi2, cfg, seed, fmt=phi_format, file=phi_file, act_scale=act_scale, shard_bytes=shard_bytes)
-    write_vit(paths.vit, cfg, seed + 1, act_scale=act_scale)
+    write_phi2(paths.phi2, cfg, seed, fmt=phi_format, file=phi_file, act_scale=act_scale, shard_bytes=shard_bytes,
+               outliers=outliers)
+    write_vit(paths.vit, cfg, seed + 1, act_scale=act_scale, outliers=outliers)
     write_qformer(paths.qformer, cfg, seed + 2)
     write_stage(paths.stage, cfg, seed + 3, lora=lora, peft_prefix=peft_prefix)
     return paths
