@@ -141,7 +141,7 @@ def check_files(bundle: str, manifest: dict, verify: bool = False, root: str | N
     for name, entry in manifest["files"].items():
         fpath = os.path.join(bundle, name)
         real = os.path.realpath(fpath)
-        if os.path.commonpath([inside, real]) != inside:
+        if not _within(inside, real):
             raise TinyVError(f"{bundle}/{name} is a link to {real}, outside the bundle: a bundle's files must be in its "
                              "folder (copy the file in instead of linking it)")
         if not os.path.isfile(fpath):
@@ -154,6 +154,13 @@ def check_files(bundle: str, manifest: dict, verify: bool = False, root: str | N
             )
         if verify:
             check_sha256(bundle, name, entry)
+
+
+def _within(folder: str, path: str) -> bool:
+    try:
+        return os.path.commonpath([folder, path]) == folder
+    except ValueError:  # another drive (Windows)
+        return False
 
 
 def check_sha256(bundle: str, name: str, entry: dict, remedy: str = "re-export it") -> None:
