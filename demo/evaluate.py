@@ -150,7 +150,8 @@ def read_results(path: str) -> tuple[str, str]:
         if not results or not all(isinstance(r["model"], str) and isinstance(r["vqa_by_type"], dict)
                                   and all(isinstance(r[k], (int, float)) for k in figures) for r in results):
             raise ValueError("no results")
-        caption = f"{int(data['images'])} held-out scenes (seed {int(data['seed'])}), greedy; percent."
+        n = int(data["images"])
+        caption = f"{n} held-out scene{'s' * (n != 1)} (seed {int(data['seed'])}), greedy; percent."
         return caption, format_table(results)
     except OSError as e:
         raise TinyVError(f"cannot read {path}: {e}") from None

@@ -244,3 +244,52 @@ def test_offline_environment_in_a_fresh_process(hub):
                          capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert f"hf://owner/tiny: commit {MAIN}" in out.stdout and "files verified (sha256)" in out.stdout
+
+
+def test_vision_graph_reading_outside_the_bundle_is_rejected(offline_hub, tiny_bundle, tmp_path, scene):
+    """The graph's own external-data references are confined too (ONNX Runtime checks them; with
+    the hub cache's links into blobs/ a bundle's own data file must still load)."""
+    import onnx
+    from onnx import TensorProto
+
+    secret = tmp_path / "secret.bin"
+    folder = tmp_path / "evil"
+    shutil.copytree(tiny_bundle(4), folder)
+    graph = onnx.load(str(folder / "vision.onnx"))
+    weight = max(graph.graph.initializer, key=lambda t: len(t.raw_data))
+    secret.write_bytes(weight.raw_data)  # right size and type: only where it is read from is wrong
+    weight.ClearField("raw_data")
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", str(secret)), ("offset", "0"), ("length", str(secret.stat().st_size))):
+        weight.external_data.add(key=key, value=value)
+    onnx.save(graph, str(folder / "vision.onnx"))
+    m = json.loads((folder / MANIFEST).read_text())
+    m["files"]["vision.onnx"] = bundle_mod.file_entry(str(folder), "vision.onnx")
+    (folder / MANIFEST).write_text(json.dumps(m))
+    write_hub_snapshot(offline_hub, REPO, str(folder), "3" * 40, "evil")
+    with tinyv.load("hf://owner/tiny@evil", cache_dir=None) as engine:
+        with pytest.raises(TinyVError, match="cannot open the vision graph .*(External data path|escapes)"):
+            engine.caption(scene, max_new_tokens=2)
+
+
+def test_vision_graph_with_a_data_file_loads_from_the_hub_cache(offline_hub, tiny_bundle, tmp_path, scene):
+    """A full-size vision graph keeps its weights in a data file next to it: in the hub cache both
+    are links into blobs/, and the graph must still find its data (ONNX Runtime 1.24.1 refused)."""
+    import onnx
+
+    folder = tmp_path / "external"
+    shutil.copytree(tiny_bundle(4), folder)
+    graph = onnx.load(str(folder / "vision.onnx"))
+    onnx.save(graph, str(folder / "vision.onnx"), save_as_external_data=True, location="vision.onnx.data",
+              size_threshold=0)
+    m = json.loads((folder / MANIFEST).read_text())
+    m["vision"]["data_file"] = "vision.onnx.data"
+    for name in ("vision.onnx", "vision.onnx.data"):
+        m["files"][name] = bundle_mod.file_entry(str(folder), name)
+    (folder / MANIFEST).write_text(json.dumps(m))
+    write_hub_snapshot(offline_hub, REPO, str(folder), "4" * 40, "external")
+    with tinyv.load("hf://owner/tiny@external", cache_dir=None) as from_hub, \
+            tinyv.load(tiny_bundle(4), cache_dir=None) as from_folder:
+        assert from_hub.manifest["vision"]["data_file"] == "vision.onnx.data"
+        answer = [s.token for s in from_hub.stream(scene, max_new_tokens=3)]
+        assert answer == [s.token for s in from_folder.stream(scene, max_new_tokens=3)]
