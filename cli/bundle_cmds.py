@@ -113,7 +113,9 @@ def info(bundle, verify, as_json):
     if found.commit:
         click.echo(f"{found.name}: commit {found.commit}, cached in {found.folder}")
     click.echo(format_manifest(found.manifest))
-    if verify or found.commit:
-        click.echo("files verified (sha256)" + (" when this revision was fetched" if found.commit and not verify else ""))
+    if verify:
+        click.echo("files verified (sha256)")
+    elif found.commit:
+        click.echo("file sizes checked; sha256 verified once for this revision (add --verify to re-hash)")
     else:
         click.echo("file sizes checked (add --verify for sha256)")

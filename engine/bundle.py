@@ -135,8 +135,10 @@ def _opened_files(manifest: dict) -> list:
     return names + ([data] if data is not None else [])
 
 
-def check_files(bundle: str, manifest: dict, verify: bool = False, root: str | None = None) -> None:
-    """Each listed file of ``bundle`` is a regular file inside ``root`` with its size (and sha256 if ``verify``)."""
+def check_files(bundle: str, manifest: dict, verify: bool = False, root: str | None = None,
+                remedy: str | None = None) -> None:
+    """Each listed file of ``bundle`` is a regular file inside ``root`` with its size (and sha256 if
+    ``verify``). ``remedy`` (with ``{path}``, the file's real path) says what to do about a bad one."""
     inside = os.path.realpath(root if root is not None else bundle)
     for name, entry in manifest["files"].items():
         fpath = os.path.join(bundle, name)
@@ -147,13 +149,14 @@ def check_files(bundle: str, manifest: dict, verify: bool = False, root: str | N
         if not os.path.isfile(fpath):
             raise TinyVError(f"{bundle} is missing {name}; re-export the bundle")
         size = os.path.getsize(fpath)
+        fix = remedy.format(path=real) if remedy else None
         if size != entry["size"]:
             raise TinyVError(
                 f"{bundle}/{name} has {size} bytes but the manifest says {entry['size']}: the file is "
-                "truncated or replaced; re-export or re-copy the bundle"
+                f"truncated or replaced; {fix or 're-export or re-copy the bundle'}"
             )
         if verify:
-            check_sha256(bundle, name, entry)
+            check_sha256(bundle, name, entry, fix or "re-export it")
 
 
 def _within(folder: str, path: str) -> bool:

@@ -16,7 +16,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 
-from tinyv.engine.bundle import MANIFEST, Bundle, check_files, check_manifest, check_sha256, read_json
+from tinyv.engine.bundle import MANIFEST, Bundle, check_files, check_manifest, read_json
 from tinyv.engine.paths import cache_dir
 from tinyv.errors import TinyVError
 
@@ -64,13 +64,12 @@ def fetch_bundle(name: HubName, verify: bool = False) -> Bundle:
     manifest = check_manifest(read_json(manifest_path, "{path} is not readable JSON ({reason})"), label)
     for file in sorted(manifest["files"]):  # only the listed files, at the manifest's commit
         _download(name, file, commit)
-    check_files(folder, manifest, root=repo_root)
+    damaged = "the cached download is damaged: delete {path} and run again to fetch it anew"
+    check_files(folder, manifest, root=repo_root, remedy=damaged)
     fingerprint = _fingerprint(folder, manifest)
     record = _record_path(name.repo, commit)
     if verify or not _verified_before(record, fingerprint):
-        for file, entry in manifest["files"].items():
-            check_sha256(folder, file, entry, remedy=f"the cached download is damaged: delete "
-                         f"{os.path.realpath(os.path.join(folder, file))} and run again to fetch it anew")
+        check_files(folder, manifest, verify=True, root=repo_root, remedy=damaged)
         _remember_verified(record, fingerprint)
     return Bundle(folder, manifest, str(name), commit)
 

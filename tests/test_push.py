@@ -136,3 +136,22 @@ def test_upload_while_offline_is_one_clear_line(monkeypatch, tmp_path):
     plan = publish.plan_push(DEMO_BUNDLE, "owner/tinyv-demo")
     with pytest.raises(TinyVError, match="cannot push to owner/tinyv-demo: HF_HUB_OFFLINE is set"):
         publish.upload_to_hub(plan)
+
+
+def test_what_push_sends_loads_back_by_name(offline_hub, tmp_path, monkeypatch):
+    """Round trip: the pushed files, cached as a download of that commit, are a hub bundle."""
+    import tinyv
+
+    def upload_into_cache(plan):
+        remote = tmp_path / "remote"
+        remote.mkdir()
+        for name, src in plan.files:
+            (remote / name).write_bytes(src if isinstance(src, bytes) else open(src, "rb").read())
+        offline_hub.add(plan.repo_id, str(remote), "5" * 40, plan.revision or "main")
+        return "https://huggingface.co/owner/tinyv-demo/commit/5555555"
+
+    monkeypatch.setattr(publish, "upload_to_hub", upload_into_cache)
+    r = CliRunner().invoke(cli, ["push", DEMO_BUNDLE, "owner/tinyv-demo", "--revision", "demo"])
+    assert r.exit_code == 0, r.output
+    with tinyv.load("hf://owner/tinyv-demo@demo", cache_dir=None) as engine:
+        assert engine.manifest == read_manifest(DEMO_BUNDLE)
