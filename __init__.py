@@ -10,8 +10,9 @@ __all__ = ["__version__", "TinyVError", "load", "Engine", "TinyGPTV", "TinyGPTVC
 
 
 def load(bundle=None, *, announce=None, **options):
-    """An ``Engine`` for ``bundle`` (a folder from ``tinyv export``); with none, the built-in demo
-    model, and ``announce(line)`` is told so. ``options`` go to ``Engine.load``."""
+    """An ``Engine`` for ``bundle`` (a folder from ``tinyv export``, or ``hf://owner/repo[@revision]``
+    on the Hugging Face Hub); with none, the built-in demo model, and ``announce(line)`` is told so.
+    ``options`` go to ``Engine.load``."""
     from tinyv.demo.builtin import resolve_bundle
     from tinyv.engine.engine import Engine
 

@@ -9,7 +9,7 @@ from tinyv.cli.main import cli
 
 
 @cli.command("bench")
-@click.option("--bundle", "-b", type=click.Path(), help="Bundle to measure (default: the built-in model).")
+@click.option("--bundle", "-b", help="Bundle to measure, a folder or hf://owner/repo (default: the built-in model).")
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), help="Image for the vision figures.")
 @click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads.")

@@ -99,18 +99,23 @@ def export_summary(output: str, m: dict) -> dict:
 
 
 @cli.command()
-@click.argument("bundle", type=click.Path())
+@click.argument("bundle")
 @click.option("--verify", is_flag=True, help="Also check every file's sha256.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def info(bundle, verify, as_json):
-    """Describe a bundle (and check its files)."""
-    from tinyv.engine.bundle import format_manifest, read_manifest
+    """Describe BUNDLE (a folder, or hf://owner/repo[@revision]) and check its files."""
+    from tinyv.engine.bundle import format_manifest, load_bundle
 
-    m = read_manifest(bundle, verify=verify)
+    found = load_bundle(bundle, verify=verify)
     if as_json:
-        click.echo(json.dumps(m, indent=2))
+        click.echo(json.dumps(found.manifest, indent=2))
+        return
+    if found.commit:
+        click.echo(f"{found.name}: commit {found.commit}, cached in {found.folder}")
+    click.echo(format_manifest(found.manifest))
+    if verify:
+        click.echo("files verified (sha256)")
+    elif found.commit:
+        click.echo("file sizes checked; sha256 verified once for this revision (add --verify to re-hash)")
     else:
-        click.echo(format_manifest(m))
-        click.echo("files verified (sha256)" if verify else "file sizes checked (add --verify for sha256)")
-
-
+        click.echo("file sizes checked (add --verify for sha256)")

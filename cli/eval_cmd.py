@@ -11,8 +11,9 @@ from tinyv.demo.evaluate import DEFAULT_IMAGES, HELD_OUT_SEED  # a light import:
 
 
 @cli.command("eval")
-@click.option("--bundle", "-b", "bundles", multiple=True, type=click.Path(exists=True, file_okay=False),
-              help="Bundle to score (repeatable). Default, with no checkpoints either: the built-in demo bundle.")
+@click.option("--bundle", "-b", "bundles", multiple=True,
+              help="Bundle to score, a folder or hf://owner/repo (repeatable). Default, with no checkpoints "
+                   "either: the built-in demo bundle.")
 @checkpoint_options
 @click.option("--images", "-n", type=click.IntRange(min=1), default=DEFAULT_IMAGES, show_default=True,
               help="Held-out scenes to generate.")

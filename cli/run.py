@@ -56,7 +56,8 @@ def open_model(opts: dict):
 
 def run_options(f):
     opts = [
-        click.option("--bundle", "-b", type=click.Path(), help="Bundle from `tinyv export` (default: the built-in model)."),
+        click.option("--bundle", "-b", help="Bundle: a folder from `tinyv export` or hf://owner/repo[@revision] "
+                     "(default: the built-in model)."),
         click.option("--greedy/--sample", default=True, show_default=True, help="Greedy decoding or sampling."),
         click.option("--temperature", type=click.FloatRange(min=0), default=0.6, show_default=True),
         click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True),

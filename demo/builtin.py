@@ -11,12 +11,14 @@ import os
 DEMO_BUNDLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundle")
 NOTE = (
     "tinyv: no model given, so this runs the built-in demo model, trained on generated scenes of coloured "
-    "shapes (it knows nothing else); for TinyGPT-V, export a bundle (tinyv export --help) and pass --bundle."
+    "shapes (it knows nothing else); for TinyGPT-V, export a bundle (tinyv export --help) or fetch one, "
+    "and pass --bundle FOLDER or --bundle hf://owner/repo."
 )
 
 
 def resolve_bundle(bundle=None, announce=None) -> str:
-    """``bundle`` as a path; with none, the shipped demo bundle (and ``announce(NOTE)`` is told)."""
+    """``bundle`` as given (a folder or a hub name, which ``engine.bundle.load_bundle`` resolves); with
+    none, the shipped demo bundle (and ``announce(NOTE)`` is told)."""
     if bundle is not None:
         return os.fspath(bundle)
     if announce:

@@ -133,3 +133,27 @@ def format_table(results: list[dict]) -> str:
         cells = ["—" if x is None else f"{100 * x:.1f}" for x in figures]
         lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def read_results(path: str) -> tuple[str, str]:
+    """(caption line, Markdown table) from the JSON ``tinyv eval --json`` wrote to ``path``."""
+    import json
+
+    from tinyv.errors import TinyVError
+
+    bad = f"{path} is not the output of `tinyv eval --json`"
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        results = data["results"]
+        figures = ("caption_exact", "caption_token_f1", "vqa")
+        if not results or not all(isinstance(r["model"], str) and isinstance(r["vqa_by_type"], dict)
+                                  and all(isinstance(r[k], (int, float)) for k in figures) for r in results):
+            raise ValueError("no results")
+        n = int(data["images"])
+        caption = f"{n} held-out scene{'s' * (n != 1)} (seed {int(data['seed'])}), greedy; percent."
+        return caption, format_table(results)
+    except OSError as e:
+        raise TinyVError(f"cannot read {path}: {e}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise TinyVError(f"{bad} ({e!r}); make it with `tinyv eval -b BUNDLE --json > results.json`") from None

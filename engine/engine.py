@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from tinyv.engine.bundle import LLM_FILE, read_manifest
+from tinyv.engine.bundle import LLM_FILE, load_bundle
 from tinyv.engine.cache import EmbeddingCache, default_cache_folder, image_key
 from tinyv.engine.config import PhiConfig, TinyGPTVConfig
 from tinyv.engine.generate import GenerationOptions, GenerationStep, Prefix, generate, prefill_prefix
@@ -62,7 +62,9 @@ class Engine:
     def load(cls, bundle, threads: int | None = None, vision_threads: int | None = None, *, verify: bool = False,
              cache_dir=_CACHE_DEFAULT, cache_max_bytes: int | None = None,
              prefix_cache_bytes: int = DEFAULT_PREFIX_BYTES) -> "Engine":
-        """Load ``bundle`` (a folder from ``tinyv export``; ``tinyv.load()`` also knows the built-in model).
+        """Load ``bundle``: a folder from ``tinyv export``, or ``hf://owner/repo[@revision]`` (a bare
+        ``owner/repo`` too, if no such folder exists) fetched from the Hugging Face Hub and checked
+        (``engine/hub.py``); ``tinyv.load()`` also knows the built-in model.
 
         ``threads``: CPU threads for the model (default: torch's count in the loading thread). ``cache_dir=None`` keeps image
         embeddings in memory only; ``verify`` checks every file's sha256 (sizes and format are
@@ -76,8 +78,8 @@ class Engine:
         setting = native.check_setting()  # a mistyped TINYV_KERNELS fails here, before any loading
         if bundle is None:
             raise TinyVError("name a bundle folder (tinyv.load() with no bundle runs the built-in model)")
-        bundle = os.fspath(bundle)
-        manifest = read_manifest(bundle, verify=verify)
+        found = load_bundle(bundle, verify=verify)
+        bundle, manifest = found.folder, found.manifest
         tensors = mmap_safetensors(os.path.join(bundle, manifest["quantization"].get("llm_file", LLM_FILE)))
         threads = int(threads or torch.get_num_threads())
         kernels = native.open_kernels(threads, setting)

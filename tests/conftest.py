@@ -100,3 +100,52 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+class OfflineHub:
+    """A Hugging Face Hub cache laid out exactly as huggingface_hub writes it, for offline tests."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def add(self, repo: str, folder: str, commit: str, ref: str | None = "main") -> str:
+        """Cache ``folder``'s files as a download of ``repo`` at ``commit`` (named by ``ref``):
+        blobs/<sha256>, snapshots/<commit>/<name> -> ../../blobs/<sha256>, refs/<ref> = commit."""
+        import hashlib
+        import os
+
+        root = os.path.join(self.cache, "models--" + repo.replace("/", "--"))
+        snapshot = os.path.join(root, "snapshots", commit)
+        os.makedirs(os.path.join(root, "blobs"), exist_ok=True)
+        os.makedirs(snapshot)
+        for name in sorted(os.listdir(folder)):
+            with open(os.path.join(folder, name), "rb") as f:
+                data = f.read()
+            blob = hashlib.sha256(data).hexdigest()  # the hub names LFS blobs by their sha256
+            if not os.path.exists(os.path.join(root, "blobs", blob)):
+                with open(os.path.join(root, "blobs", blob), "wb") as f:
+                    f.write(data)
+            os.symlink(os.path.join("..", "..", "blobs", blob), os.path.join(snapshot, name))
+        if ref:
+            os.makedirs(os.path.join(root, "refs"), exist_ok=True)
+            with open(os.path.join(root, "refs", ref), "w") as f:
+                f.write(commit)
+        return snapshot
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty hub cache in tmp_path, offline (HF_HUB_OFFLINE=1), tinyv's cache there too.
+    huggingface_hub reads its environment once, at import: its constants are set as well."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("TINYV_CACHE", str(tmp_path / "tinyv-cache"))
+    monkeypatch.delenv("TINYV_DEBUG", raising=False)
+    return OfflineHub(cache)
