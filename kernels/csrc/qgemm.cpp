@@ -99,10 +99,6 @@ template <int G>
 void rows_simd_grouped(const Job& j, int n0, int n1) {
     const bool q4 = j.bits == 4;
     if (j.isa == ISA_AVX512VNNI) return q4 ? rows_simd<Q4Avx512<G>>(j, n0, n1) : rows_simd<Q8Avx512<G>>(j, n0, n1);
-    if (j.M == 1) {  // decode: the dedicated one-row loop
-        for (int n = n0; n < n1; n++) q4 ? Q4Avx2<G>::gemv(j, n) : Q8Avx2<G>::gemv(j, n);
-        return;
-    }
     return q4 ? rows_simd<Q4Avx2<G>>(j, n0, n1) : rows_simd<Q8Avx2<G>>(j, n0, n1);
 }
 
