@@ -17,7 +17,7 @@ enum Isa { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512VNNI = 2 };
 enum Flags { FLAG_GELU = 1 };
 
 constexpr int MR = 4;   // activation rows per pass over a weight row (registers)
-constexpr int MB = 4;   // activation rows kept hot in L1 while weight rows stream past
+constexpr int NB_BYTES = 64 << 10;  // weight bytes per tile kept in L2 while the activation rows pass
 
 // Rows [n0, n1) of the output, for all M activation rows, are one unit of work.
 struct Job {

@@ -85,13 +85,16 @@ void rows_scalar(const Job& j, int n0, int n1) {
 // weight rows stream past (from L2/L3 once M > MR).
 template <class Kernel>
 void rows_simd(const Job& j, int n0, int n1) {
-    for (int mb = 0; mb < j.M; mb += MB) {
-        const int mend = std::min(j.M, mb + MB);
-        for (int n = n0; n < n1; n++) {
-            int m = mb;
-            for (; m + MR <= mend; m += MR) Kernel::template block<MR>(j, n, m);
-            for (; m < mend; m++) Kernel::template block<1>(j, n, m);
-        }
+    // A tile of weight rows stays in L2 while every activation row passes over it, so each weight
+    // byte comes from memory once per call (streaming all of them per MR rows read them M / MR times).
+    const int tile = std::max(16, (NB_BYTES / std::max(1, j.K * j.bits / 8)) / 16 * 16);
+    for (int nb = n0; nb < n1; nb += tile) {
+        const int nend = std::min(n1, nb + tile);
+        int m = 0;
+        for (; m + MR <= j.M; m += MR)
+            for (int n = nb; n < nend; n++) Kernel::template block<MR>(j, n, m);
+        for (; m < j.M; m++)
+            for (int n = nb; n < nend; n++) Kernel::template block<1>(j, n, m);
     }
 }
 
