@@ -22,8 +22,8 @@ from torch import nn
 
 from tinyv.engine.config import PhiConfig, TinyGPTVConfig
 from tinyv.engine.gpu_convert import convert_int8_rows, convert_nf4
-from tinyv.engine.gpu_plan import DEFAULT_BUDGET, PREFILL_CHUNK, GpuPlan, gb, nf4_blocksize, parse_memory, plan_gpu
-from tinyv.engine.llm import build_quant_phi
+from tinyv.engine.gpu_plan import DEFAULT_BUDGET, PREFILL_CHUNK, GpuPlan, nf4_blocksize, parse_memory, plan_gpu
+from tinyv.engine.llm import build_quant_phi, decode_setting
 from tinyv.engine.phi import PhiForCausalLM
 from tinyv.errors import TinyVError
 from tinyv.kernels.linear import QuantLinear
@@ -143,12 +143,44 @@ class DeviceLinear(nn.Module):
 class DevicePhi(PhiForCausalLM):
     """Phi-2 with its layers on ``device``: CPU embeddings in, CPU fp32 logits out. Long prompts
     run PREFILL_CHUNK positions at a time (the same result: the mask is by absolute position),
-    which bounds the attention scores the planner reserves for."""
+    which bounds the attention scores the planner reserves for. With ``graphs`` (CUDA, unless
+    TINYV_DECODE=unfused) a decoded token is one CUDA graph replay (``engine/gpu_graph.py``)."""
 
     def __init__(self, cfg: PhiConfig, device: torch.device):
         super().__init__(cfg)
         self.device = device
         self.kv_dtype = torch.float16
+        self.graphs = False
+        self.graph_note = ""  # why the eager step is used, when graphs were on and failed
+        self._captured = None  # the CapturedDecode of the latest KV cache
+
+    def decode(self, embeds: torch.Tensor, pos: int, cache) -> torch.Tensor:
+        if not self.graphs or cache.k.shape[1] != 1:
+            return super().decode(embeds, pos, cache)
+        self._check_room(pos, 1, cache)
+        captured = self._captured
+        if captured is not None and captured.cache() is cache and captured.key == (cache.k.data_ptr(), cache.max_len):
+            logits = captured.step(embeds, pos)
+            cache.length = pos + 1
+            return logits
+        logits = super().decode(embeds, pos, cache)  # eager: this position's K/V and the reference logits
+        self._captured = self._capture(cache, embeds, pos, logits)
+        return logits
+
+    def _capture(self, cache, embeds: torch.Tensor, pos: int, reference: torch.Tensor):
+        """The captured step for ``cache``, or None (and graphs off) if capture fails or differs."""
+        from tinyv.engine.gpu_graph import CapturedDecode
+
+        try:
+            captured = CapturedDecode(self, cache)
+            captured.capture(embeds, pos)
+            if captured.matches(reference, embeds, pos):
+                return captured
+            self.graph_note = "a captured step did not match the eager one"
+        except RuntimeError as e:  # e.g. an op that syncs with the host while capturing
+            self.graph_note = f"capture failed ({str(e).splitlines()[0][:120]})"
+        self.graphs = False
+        return None
 
     def forward(self, embeds: torch.Tensor, pos: int = 0, cache=None) -> torch.Tensor:
         x = embeds.to(self.device, torch.float32)
@@ -179,6 +211,10 @@ def build_device_phi(cfg: PhiConfig, tensors: Mapping[str, torch.Tensor], qcfg: 
     phi.embed_tokens = source.embed_tokens  # stays on the CPU
     phi.layers, phi.final_layernorm, phi.lm_head = source.layers, source.final_layernorm, source.lm_head
     phi.rotary = source.rotary.to(device)
+    # LLM.int8()'s outlier check (threshold 6) syncs with the host, which a capture cannot hold
+    phi.graphs = device.type == "cuda" and decode_setting() == "fused" and qcfg.bits != 8
+    if device.type == "cuda" and qcfg.bits == 8:
+        phi.graph_note = "LLM.int8()'s outlier check syncs with the host"
     for part in (phi.layers, phi.final_layernorm):  # its parameters are the norms (Linears hold buffers)
         for module in part.modules():
             for key, p in list(module._parameters.items()):
@@ -251,7 +287,8 @@ def describe(placement: Placement, phi: DevicePhi) -> str:
     dev = placement.torch_device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev)
     conv = f"; conversion SQNR vs bundle min {min(sqnr):.1f} dB" if sqnr else ""
-    return f"{name}: {', '.join(schemes)}{conv}; {placement.plan.describe()}"
+    step = "CUDA graph decode" if phi.graphs else f"eager decode{f' ({phi.graph_note})' if phi.graph_note else ''}"
+    return f"{name}: {', '.join(schemes)}{conv}; {step}; {placement.plan.describe()}"
 
 
 def gpu_memory_figures(device: torch.device) -> dict:

@@ -374,6 +374,88 @@ def test_kv_positions_cap_the_context(tiny_bundle, scene):
     assert 0 < len(tokens) <= 48 - prompt
 
 
+# -- the decode step as a CUDA graph: its static-shape math, and the capture bookkeeping ------------
+
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_static_decode_step_equals_the_eager_step(bits, tiny_bundle):
+    if bits != 16:
+        _bnb()
+    from tinyv.engine.gpu_graph import static_decode_step
+
+    phi = _device_phi(tiny_bundle(bits))
+    x = phi.embed(torch.randint(0, phi.cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(5)))
+    with torch.inference_mode():
+        eager, static = phi.new_cache(20), phi.new_cache(20)
+        phi(x, 0, eager)
+        phi(x, 0, static)
+        cos, sin = phi.rotary.cos_sin(0, 20)
+        for pos in range(12, 17):
+            e = phi.embed(torch.tensor([[pos * 7]]))
+            ref = phi.decode(e, pos, eager)
+            got = static_decode_step(phi, e, torch.tensor([pos]), static, cos, sin).cpu()
+            assert (ref - got).abs().max() <= 1e-4 * ref.abs().max()
+    for a, b in ((eager.k, static.k), (eager.v, static.v)):  # the same fp16 K/V, up to a rounding step
+        assert torch.allclose(a[:, :, :, :17].float(), b[:, :, :, :17].float(), rtol=2e-3, atol=2e-3)
+        assert not b[:, :, :, 17:].any()
+
+
+class _EagerGraph:
+    """Stands in for a captured CUDA graph on the CPU: a replay runs the static step."""
+
+    def __init__(self, captured):
+        self.captured = captured
+
+    def replay(self):
+        from tinyv.engine.gpu_graph import static_decode_step
+
+        c = self.captured
+        c.logits = static_decode_step(c.phi, c.x, c.pos, c.cache(), c.cos, c.sin)
+
+
+def test_captured_decode_replays_and_recaptures_per_cache(tiny_bundle, scene, monkeypatch):
+    _bnb()
+    from tinyv.engine import gpu_graph
+
+    captures = []
+
+    def capture(self, embeds, pos):
+        captures.append(pos)
+        self.graph = _EagerGraph(self)
+
+    monkeypatch.setattr(gpu_graph.CapturedDecode, "capture", capture)
+    e = Engine.load(tiny_bundle(4), cache_dir=None)
+    embeds, _ = e.encode_image(scene)
+    eager = _greedy(_device_phi(tiny_bundle(4)), e.tokenizer, embeds, steps=12)
+    phi = _device_phi(tiny_bundle(4))
+    phi.graphs = True
+    assert _greedy(phi, e.tokenizer, embeds, steps=12) == eager
+    assert phi.graphs and len(captures) == 1 and phi._captured is not None
+    assert _greedy(phi, e.tokenizer, embeds, steps=12) == eager and len(captures) == 2  # a new answer's cache
+
+
+def test_failed_or_wrong_capture_falls_back_to_the_eager_step(tiny_bundle, scene, monkeypatch):
+    _bnb()
+    from tinyv.engine import gpu_graph
+
+    e = Engine.load(tiny_bundle(8), cache_dir=None)
+    embeds, _ = e.encode_image(scene)
+    eager = _greedy(_device_phi(tiny_bundle(8)), e.tokenizer, embeds, steps=8)
+
+    def fail(self, embeds, pos):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    def wrong(self, embeds, pos):
+        self.graph = _EagerGraph(self)
+        self.step = lambda x, p: torch.zeros(e.phi.cfg.vocab_size)
+
+    for capture, note in ((fail, "capture failed (operation not permitted"), (wrong, "did not match")):
+        monkeypatch.setattr(gpu_graph.CapturedDecode, "capture", capture)
+        phi = _device_phi(tiny_bundle(8))
+        phi.graphs = True
+        assert _greedy(phi, e.tokenizer, embeds, steps=8) == eager
+        assert not phi.graphs and phi._captured is None and note in phi.graph_note
+
+
 # -- the whole engine on the GPU path's code (bitsandbytes' CPU ops) --------------------------------
 
 def test_engine_on_the_gpu_path_demo_model(cpu_as_gpu, tmp_path):
@@ -419,6 +501,10 @@ def test_cuda_engine_against_the_fp32_model(bits, tiny_bundle, tiny_model, scene
     cpu = Engine.load(tiny_bundle(bits), cache_dir=None)
     dev = Engine.load(tiny_bundle(bits), device="cuda", cache_dir=None)
     assert dev.phi.layers[0].input_layernorm.weight.device.type == "cuda"
+    _greedy(dev.phi, dev.tokenizer, cpu.encode_image(scene)[0], steps=4)
+    print(f"\n[{bits}-bit tiny on CUDA] {dev.kernel_path}")
+    # LLM.int8()'s outlier check syncs with the host: 8-bit decodes eagerly
+    assert dev.phi.graphs == (bits == 4) and (dev.phi._captured is not None) == (bits == 4), dev.phi.graph_note
     embeds, _ = cpu.encode_image(scene)
     for prompt in (build_prompt(4), build_prompt(4, "what colour is the circle?", task="vqa")):
         kl_mean, kl_max, agree = _against_fp32(dev.phi, dev.tokenizer, tiny_model, embeds, prompt)
