@@ -151,13 +151,16 @@ def cpu_as_gpu(monkeypatch):
     monkeypatch.setattr(gpu, "accelerator", lambda: torch.device("cpu"))
 
 
-def test_missing_bitsandbytes_is_one_clear_line(b4, b8, tiny_bundle, cpu_as_gpu, monkeypatch):
+def test_missing_bitsandbytes_is_one_clear_line(b4, b8, tiny_bundle, scene, cpu_as_gpu, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails
     with pytest.raises(TinyVError, match=r"bitsandbytes is not installed; install .*tinyv\[gpu\]"):
         Engine.load(b4, device="cuda", cache_dir=None)
     assert Engine.load(b8, device="auto", cache_dir=None).placement.device == "cpu"
     # 16-bit bundles need no bitsandbytes: fp16 nn.Linear on the device
-    assert Engine.load(tiny_bundle(16), device="cuda", cache_dir=None).placement.on_gpu
+    e16 = Engine.load(tiny_bundle(16), device="cuda", cache_dir=None)
+    assert e16.placement.on_gpu and "fp16" in e16.kernel_path
+    assert e16.caption(scene, max_new_tokens=8) == Engine.load(tiny_bundle(16), cache_dir=None).caption(
+        scene, max_new_tokens=8)
 
 
 def test_budget_checked_before_loading(b4, cpu_as_gpu, monkeypatch):
