@@ -163,17 +163,19 @@ def test_missing_bitsandbytes_is_one_clear_line(b4, b8, tiny_bundle, scene, cpu_
         scene, max_new_tokens=8)
 
 
-def test_budget_checked_before_loading(b4, cpu_as_gpu, monkeypatch):
+def test_budget_checked_before_loading(tiny_bundle, cpu_as_gpu, monkeypatch):
+    b16 = tiny_bundle(16)  # needs no bitsandbytes
+
     def no_weights(*a, **k):
         raise AssertionError("weights were read before the plan was made")
 
     monkeypatch.setattr("tinyv.engine.weights.mmap_safetensors", no_weights)
     with pytest.raises(TinyVError, match="GPU budget of 0.29 GB is too small"):
-        Engine.load(b4, device="cuda", max_gpu_memory="300MB", cache_dir=None)
+        Engine.load(b16, device="cuda", max_gpu_memory="300MB", cache_dir=None)
     monkeypatch.undo()
     monkeypatch.setattr(gpu, "accelerator", lambda: torch.device("cpu"))
     notes = []
-    e = Engine.load(b4, device="auto", max_gpu_memory="300MB", cache_dir=None, announce=notes.append)
+    e = Engine.load(b16, device="auto", max_gpu_memory="300MB", cache_dir=None, announce=notes.append)
     assert e.placement.device == "cpu" and "too small" in notes[0]
 
 
