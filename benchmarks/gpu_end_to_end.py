@@ -3,7 +3,11 @@ then per bundle the GPU tests, ``tinyv bench --device cuda`` and greedy agreemen
 
     pip install ".[gpu]"                  # bitsandbytes; a CUDA build of torch must be installed
     pip install onnxruntime-gpu           # optional: the vision graph on the GPU too
-    python benchmarks/gpu_end_to_end.py --dir /tmp/tinyv-full --bits 4 8
+    python benchmarks/gpu_end_to_end.py --preset small --dir /tmp/tinyv-small --bits 4   # ~a minute: the code paths
+    python benchmarks/gpu_end_to_end.py --dir /tmp/tinyv-full --bits 4 8                 # the figures (full size)
+
+Time: the full-size checkpoints are ~16 GB to write and a 4-bit export took 454 s on a 2-core
+CPU (8-bit: 586 s); with a short device lease run ``--bits 4`` alone (and ``--skip-tests``).
 
 Steps (each bundle in its own processes; prints one JSON object at the end, and a line per step
 on stderr as it goes):
@@ -96,7 +100,8 @@ def agreement(bundle: str, steps: int) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dir", default="/tmp/tinyv-full", help="full-size checkpoints (written if absent)")
+    ap.add_argument("--preset", default="stage4", help="stage4 = full size (the figures); small = a quick check")
+    ap.add_argument("--dir", default="/tmp/tinyv-full", help="checkpoints (written if absent)")
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--vision", default="fp32")
     ap.add_argument("--runs", type=int, default=3)
@@ -114,7 +119,7 @@ def main():
 
     if not torch.cuda.is_available():
         raise SystemExit(f"no CUDA GPU visible to torch {torch.__version__}: run this on a GPU machine")
-    result = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+    result = {"preset": args.preset, "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
               "gpu_total_mb": torch.cuda.get_device_properties(0).total_memory / 2**20}
     try:
         import bitsandbytes
@@ -129,7 +134,7 @@ def main():
     todo = [b for b in args.bits if not (args.reuse and os.path.exists(os.path.join(bundles[b], "manifest.json")))]
     if todo:
         say(f"checkpoints + export {todo} (full size: minutes)")
-        p = subprocess.run([py, os.path.join(HERE, "end_to_end.py"), "--preset", "stage4", "--dir", args.dir,
+        p = subprocess.run([py, os.path.join(HERE, "end_to_end.py"), "--preset", args.preset, "--dir", args.dir,
                             "--vision", args.vision, "--skip-bench", "--bits", *map(str, todo)],
                            capture_output=True, text=True)
         if p.returncode != 0:
