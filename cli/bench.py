@@ -5,7 +5,7 @@ import json
 
 import click
 
-from tinyv.cli.main import cli
+from tinyv.cli.main import cli, device_options
 
 
 @cli.command("bench")
@@ -17,8 +17,10 @@ from tinyv.cli.main import cli
 @click.option("--tg", type=click.IntRange(min=1), default=128, show_default=True, help="Tokens to decode.")
 @click.option("--llm-only", is_flag=True, help="Skip the vision graph (never loaded): the language model's own speed and peak RSS.")
 @click.option("--json", "as_json", is_flag=True)
-def bench_cmd(bundle, image, runs, threads, pp, tg, llm_only, as_json):
-    """Image encode (uncached/cached), TTFT, prefill pp64/pp512 and decode tg128, mean ± std."""
+@device_options
+def bench_cmd(bundle, image, runs, threads, pp, tg, llm_only, as_json, device, max_gpu_memory):
+    """Image encode (uncached/cached), TTFT, prefill pp64/pp512 and decode tg128, mean ± std (on
+    --device cuda also the peak GPU memory)."""
     from tinyv.cli.bench_figures import format_bench, run_bench
     import tinyv
     from tinyv.errors import TinyVError
@@ -27,7 +29,8 @@ def bench_cmd(bundle, image, runs, threads, pp, tg, llm_only, as_json):
         lengths = tuple(int(x) for x in pp.split(",") if x.strip())
     except ValueError:
         raise TinyVError(f"--pp takes comma-separated token counts, e.g. 64,512; got {pp!r}") from None
-    engine = tinyv.load(bundle, threads=threads, cache_dir=None, announce=lambda m: click.echo(m, err=True))
+    engine = tinyv.load(bundle, threads=threads, cache_dir=None, announce=lambda m: click.echo(m, err=True),
+                        device=device, max_gpu_memory=max_gpu_memory)
     limit = engine.config.phi.max_positions
     if any(n < 1 or n + tg > limit for n in lengths) or 64 + tg > limit:
         raise TinyVError(f"prompt lengths plus --tg must fit the context of {limit} tokens")

@@ -42,6 +42,9 @@ def run_bench(engine, image=None, runs: int = 3, pp=(64, 512), tg: int = 128, se
     say = progress or (lambda msg: None)
     image = image if image is not None else bench_image()
     out: dict = {"bundle": engine.bundle, "threads": engine.run(torch.get_num_threads), "llm_only": llm_only}
+    gpu = engine.placement.torch_device if engine.placement is not None and engine.placement.on_gpu else None
+    if gpu is not None:
+        out.update(_gpu_load_figures(engine, gpu))
     if not llm_only:
         _bench_vision(engine, image, runs, out, say)
     engine.run(lambda: _bench_llm(engine, runs, pp, tg, seed, out, say))  # where the engine's model work runs
@@ -55,6 +58,30 @@ def run_bench(engine, image=None, runs: int = 3, pp=(64, 512), tg: int = 128, se
         "kernels": engine.kernel_path,
         "vision": engine.manifest["vision"]["precision"],
     })
+    if gpu is not None:
+        from tinyv.engine.gpu import gpu_memory_figures
+
+        out.update(gpu_memory_figures(gpu))  # peaks since the load's were read: inference alone
+        if not llm_only:
+            out["vision_provider"] = engine.vision.get_providers()[0]
+    return out
+
+
+def _gpu_load_figures(engine, device) -> dict:
+    """The plan and the GPU memory after loading (peak during the conversion too); the peak
+    counters are then reset, so the figures at the end are those of inference."""
+    from tinyv.engine.gpu import gpu_memory_figures
+
+    plan = engine.placement.plan
+    out = {"device": str(device), "gpu_plan": {"budget_mb": plan.budget / 2**20, "total_mb": plan.total / 2**20,
+                                              "vision_on_gpu": plan.vision_on_gpu, "kv_positions": plan.kv_positions,
+                                              "parts_mb": {k: v / 2**20 for k, v in plan.parts.items()}}}
+    sqnr = list(engine.phi.conversion_sqnr().values())
+    if sqnr:
+        out["conversion_sqnr_db"] = {"min": min(sqnr), "mean": sum(sqnr) / len(sqnr)}
+    if device.type == "cuda":
+        out["gpu_after_load"] = gpu_memory_figures(device)
+        torch.cuda.reset_peak_memory_stats(device)
     return out
 
 
@@ -136,4 +163,8 @@ def format_bench(r: dict, tg: int = 128) -> str:
     lines.append(f"tg{tg:<12} {ms(r[f'tg{tg}_tok_s'])} tok/s   ({r['achieved_gb_s']:.2f} GB/s of "
                  f"{r['llm_weight_bytes'] / 1e6:.1f} MB weights per token)")
     lines.append(f"peak RSS       {r['peak_rss_mb']:.0f} MB" + ("  (language model alone: vision not loaded)" if r.get("llm_only") else ""))
+    if "gpu_peak_allocated_mb" in r:
+        lines.append(f"peak GPU       {r['gpu_peak_allocated_mb']:.0f} MB allocated by torch while running "
+                     f"({r['gpu_after_load']['gpu_peak_allocated_mb']:.0f} MB while loading); device memory in use "
+                     f"{r['gpu_used_mb']:.0f} MB (every allocator and context; plan {r['gpu_plan']['total_mb']:.0f} MB)")
     return "\n".join(lines)

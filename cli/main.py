@@ -56,6 +56,36 @@ def checkpoint_options(f):
     return f
 
 
+class GpuMemory(click.ParamType):
+    """``8GB``, ``7.5GB``, ``6000MB`` -> bytes (GB = GiB, as a GPU's memory is counted)."""
+
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        from tinyv.engine.gpu_plan import parse_memory
+        from tinyv.errors import TinyVError
+
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_memory(value)
+        except TinyVError as e:
+            self.fail(str(e), param, ctx)
+
+
+def device_options(f):
+    opts = [
+        click.option("--device", type=click.Choice(("cpu", "cuda", "auto")), default="cpu", show_default=True,
+                     help="Where the bundle runs: cuda puts the LLM on the GPU through bitsandbytes "
+                          "(pip install 'tinyv[gpu]'); auto picks cuda when usable and the budget fits."),
+        click.option("--max-gpu-memory", type=GpuMemory(), default="8GB", show_default=True,
+                     help="GPU memory budget; the plan (LLM, vision, KV cache) is decided from it before loading."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
 def checkpoint_sources(opts: dict, needed_for: str) -> dict:
     """The four checkpoint options, all given (else one error naming the missing ones)."""
     from tinyv.errors import TinyVError

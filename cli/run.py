@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from tinyv.cli.main import CHECKPOINT_OPTIONS, checkpoint_options, checkpoint_sources, cli
+from tinyv.cli.main import CHECKPOINT_OPTIONS, checkpoint_options, checkpoint_sources, cli, device_options
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -41,9 +41,13 @@ def open_model(opts: dict):
     if not any(opts.get(k) for k in CHECKPOINT_OPTIONS):
         import tinyv
 
-        return tinyv.load(opts.get("bundle"), threads=opts.get("threads"), announce=_err)
+        return tinyv.load(opts.get("bundle"), threads=opts.get("threads"), announce=_err,
+                          device=opts.get("device", "cpu"), max_gpu_memory=opts.get("max_gpu_memory", "8GB"))
     if opts.get("bundle"):
         raise TinyVError("give either --bundle or the checkpoint options (--phi2 ...), not both")
+    if opts.get("device", "cpu") != "cpu":
+        raise TinyVError("--device runs bundles; the fp32 model from checkpoint files runs on the CPU "
+                         "(export a bundle for the GPU: tinyv export --help)")
     given = checkpoint_sources(opts, "a TinyGPT-V model")
     from tinyv.export.reference import TinyGPTV
 
@@ -69,7 +73,7 @@ def run_options(f):
     ]
     for opt in reversed(opts):
         f = opt(f)
-    return checkpoint_options(f)
+    return checkpoint_options(device_options(f))
 
 
 def _sampling(kw: dict) -> dict:

@@ -38,8 +38,11 @@ _CACHE_DEFAULT = object()
 
 class Engine:
     def __init__(self, bundle: str, manifest: dict, phi, tokenizer: Tokenizer, open_vision, cache: EmbeddingCache,
-                 threads: int | None = None, kernels=None, prefix_cache_bytes: int = DEFAULT_PREFIX_BYTES):
+                 threads: int | None = None, kernels=None, prefix_cache_bytes: int = DEFAULT_PREFIX_BYTES,
+                 placement=None):
         self.bundle, self.manifest = bundle, manifest
+        # where it runs (engine/gpu.py's Placement; None: the CPU)
+        self.placement = placement
         self.config = TinyGPTVConfig.from_dict(manifest["model"])
         self.phi, self.tokenizer, self.kernels = phi, tokenizer, kernels
         self._open_vision, self._vision = open_vision, None
@@ -61,7 +64,8 @@ class Engine:
     @classmethod
     def load(cls, bundle, threads: int | None = None, vision_threads: int | None = None, *, verify: bool = False,
              cache_dir=_CACHE_DEFAULT, cache_max_bytes: int | None = None,
-             prefix_cache_bytes: int = DEFAULT_PREFIX_BYTES) -> "Engine":
+             prefix_cache_bytes: int = DEFAULT_PREFIX_BYTES, device: str = "cpu", max_gpu_memory="8GB",
+             announce=None) -> "Engine":
         """Load ``bundle``: a folder from ``tinyv export``, or ``hf://owner/repo[@revision]`` (a bare
         ``owner/repo`` too, if no such folder exists) fetched from the Hugging Face Hub and checked
         (``engine/hub.py``); ``tinyv.load()`` also knows the built-in model.
@@ -69,8 +73,11 @@ class Engine:
         ``threads``: CPU threads for the model (default: torch's count in the loading thread). ``cache_dir=None`` keeps image
         embeddings in memory only; ``verify`` checks every file's sha256 (sizes and format are
         always checked). ``prefix_cache_bytes`` bounds the KV kept of recent images' prompt
-        prefixes (0: none kept).
+        prefixes (0: none kept). ``device``: ``cpu``, ``cuda`` (bitsandbytes layers, within
+        ``max_gpu_memory``, e.g. ``"8GB"``: see ``engine/gpu.py``) or ``auto`` (CUDA when usable and
+        the budget fits); ``announce(line)`` is told where a non-CPU request runs.
         """
+        from tinyv.engine import gpu
         from tinyv.engine.vision_onnx import open_session
         from tinyv.engine.weights import mmap_safetensors
         from tinyv.kernels import native
@@ -80,18 +87,28 @@ class Engine:
             raise TinyVError("name a bundle folder (tinyv.load() with no bundle runs the built-in model)")
         found = load_bundle(bundle, verify=verify)
         bundle, manifest = found.folder, found.manifest
+        placement = gpu.place(manifest, device, max_gpu_memory)  # before any weight is read
         tensors = mmap_safetensors(os.path.join(bundle, manifest["quantization"].get("llm_file", LLM_FILE)))
         threads = int(threads or torch.get_num_threads())
-        kernels = native.open_kernels(threads, setting)
-        phi = build_quant_phi(PhiConfig.from_dict(manifest["model"]["phi"]), tensors,
-                              QuantConfig.from_dict(manifest["quantization"]), kernels=kernels)
+        phi_cfg, quant = PhiConfig.from_dict(manifest["model"]["phi"]), QuantConfig.from_dict(manifest["quantization"])
+        if placement.on_gpu:
+            kernels = None
+            phi = gpu.load_device_phi(phi_cfg, tensors, quant, placement)
+            prefix_cache_bytes = min(prefix_cache_bytes, placement.plan.prefix_cache_bytes)
+        else:
+            kernels = native.open_kernels(threads, setting)
+            phi = build_quant_phi(phi_cfg, tensors, quant, kernels=kernels)
+        if announce and device != "cpu":
+            announce(f"tinyv: {gpu.placement_line(placement, phi)}")
         tok_info = manifest["tokenizer"]
         tokenizer = Tokenizer.from_file(os.path.join(bundle, tok_info["file"]), tok_info.get("eos_id"))
         vision_path = os.path.join(bundle, manifest["vision"]["file"])
         folder = default_cache_folder() if cache_dir is _CACHE_DEFAULT else cache_dir
         cache = EmbeddingCache(folder, **({"max_bytes": cache_max_bytes} if cache_max_bytes else {}))
-        return cls(bundle, manifest, phi, tokenizer, lambda: open_session(vision_path, threads=vision_threads or threads),
-                   cache, threads, kernels, prefix_cache_bytes)
+        providers = placement.vision_providers()
+        return cls(bundle, manifest, phi, tokenizer,
+                   lambda: open_session(vision_path, threads=vision_threads or threads, providers=providers),
+                   cache, threads, kernels, prefix_cache_bytes, placement)
 
     def close(self) -> None:
         """Finish the queued work and let the worker thread end; the engine takes no new calls."""
@@ -118,6 +135,10 @@ class Engine:
     @property
     def kernel_path(self) -> str:
         """One line: what computes the LLM's Linears (``tinyv bench`` prints it)."""
+        if self.placement is not None and self.placement.on_gpu:
+            from tinyv.engine.gpu import describe
+
+            return describe(self.placement, self.phi)
         if self.quant.bits == 16:
             return "torch (16-bit bundle: fp16 weights, no quantized kernels)"
         from tinyv.kernels import native

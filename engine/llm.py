@@ -107,5 +107,6 @@ def fused_decoder(phi: PhiForCausalLM, qcfg: QuantConfig, kernels: Kernels) -> F
 
 
 def weight_bytes(phi: PhiForCausalLM) -> int:
-    """Bytes of Linear weights streamed per decoded token (what bounds decode speed)."""
-    return sum(m.weight_bytes() for m in phi.modules() if isinstance(m, QuantLinear))
+    """Bytes of Linear weights streamed per decoded token (what bounds decode speed): every layer
+    that counts its own (``QuantLinear``; the GPU path's ``DeviceLinear``)."""
+    return sum(m.weight_bytes() for m in phi.modules() if callable(getattr(m, "weight_bytes", None)))

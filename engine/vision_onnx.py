@@ -6,9 +6,11 @@ import os
 from tinyv.errors import TinyVError
 
 
-def open_session(model, threads: int | None = None, *, prepack: bool = True, arena: bool = True):
-    """An ONNX Runtime CPU session, all graph optimizations on, for ``vision.onnx`` (a path) or a
-    serialized graph (``bytes``).
+def open_session(model, threads: int | None = None, *, prepack: bool = True, arena: bool = True,
+                 providers=("CPUExecutionProvider",)):
+    """An ONNX Runtime session, all graph optimizations on, for ``vision.onnx`` (a path) or a
+    serialized graph (``bytes``); on the CPU unless ``providers`` names others (the GPU path gives
+    the CUDA provider first, ``engine/gpu.py``).
 
     ``prepack=False`` leaves the weights in the mapped data file instead of copying them, and
     ``arena=False`` turns the memory arena off (with it, ONNX Runtime kept ~2 GB after a ViT-g
@@ -36,6 +38,6 @@ def open_session(model, threads: int | None = None, *, prepack: bool = True, are
         opts.add_session_config_entry("session.disable_prepacking", "1")
     opts.enable_cpu_mem_arena = arena
     try:
-        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model, opts, providers=list(providers))
     except Exception as e:  # onnxruntime raises its own types for bad graphs
         raise TinyVError(f"cannot open the vision graph {where} ({str(e).splitlines()[0]}); re-export the bundle") from None
