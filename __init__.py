@@ -11,11 +11,12 @@ __all__ = ["__version__", "TinyVError", "load", "Engine", "TinyGPTV", "TinyGPTVC
 
 def load(bundle=None, *, announce=None, **options):
     """An ``Engine`` for ``bundle`` (a folder from ``tinyv export``); with none, the built-in demo
-    model, and ``announce(line)`` is told so. ``options`` go to ``Engine.load``."""
+    model, and ``announce(line)`` is told so (and of a cache folder that cannot be used).
+    ``options`` go to ``Engine.load``."""
     from tinyv.demo.builtin import resolve_bundle
     from tinyv.engine.engine import Engine
 
-    return Engine.load(resolve_bundle(bundle, announce), **options)
+    return Engine.load(resolve_bundle(bundle, announce), announce=announce, **options)
 
 
 def __getattr__(name):  # lazy: the model pulls in torch
