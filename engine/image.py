@@ -40,12 +40,26 @@ def max_pixels() -> int:
     return n
 
 
-def _too_large(name: str, width: int, height: int, limit: int) -> TinyVError:
+def _too_large(name: str, pixels: int, limit: int, size: str = "") -> TinyVError:
     return TinyVError(
-        f"{name} is {width}x{height} = {width * height / 1e6:.0f} megapixels, over the limit of "
-        f"{limit / 1e6:.0f} (a guard against decompression bombs); if you trust it, set "
-        f"{MAX_PIXELS_ENV}={width * height} to allow it"
+        f"{name} is {size}{pixels:,} pixels, over the limit of {limit:,} (a guard against decompression "
+        f"bombs); if you trust it, set {MAX_PIXELS_ENV}={pixels} to allow it"
     )
+
+
+def _pillow_refused(name: str, error: Exception, limit: int) -> TinyVError:
+    """Pillow's own DecompressionBombError (over twice PIL.Image.MAX_IMAGE_PIXELS), as tinyv's."""
+    import re
+
+    from PIL import Image
+
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    pixels = int(found.group(1)) if found else 0
+    if pixels > limit or not found:
+        return _too_large(name, pixels, limit) if found else _unreadable(name, error)
+    return TinyVError(f"{name} is {pixels:,} pixels, within {MAX_PIXELS_ENV} but over Pillow's own limit of "
+                      f"{2 * (Image.MAX_IMAGE_PIXELS or 0):,}; raise PIL.Image.MAX_IMAGE_PIXELS as well "
+                      "(the tinyv command does)")
 
 
 def _source(image):
@@ -63,7 +77,12 @@ def _source(image):
 
 
 def _unreadable(name: str, e: BaseException) -> TinyVError:
-    reason = (str(e).splitlines() or [""])[0][:200] or type(e).__name__
+    from PIL import UnidentifiedImageError
+
+    if isinstance(e, UnidentifiedImageError):
+        reason = "not a format Pillow knows"  # its message names a BytesIO object
+    else:
+        reason = (str(e).splitlines() or [""])[0][:200] or type(e).__name__
     return TinyVError(f"cannot read {name} as an image ({reason}); give a JPEG, PNG or other image file")
 
 
@@ -74,8 +93,8 @@ def _open_header(src, name: str):
     limit = max_pixels()
     try:
         img = Image.open(src)
-    except Image.DecompressionBombError as e:  # only when the limit was raised past Pillow's own
-        raise TinyVError(f"{name}: {e} Raise PIL.Image.MAX_IMAGE_PIXELS as well as {MAX_PIXELS_ENV}") from None
+    except Image.DecompressionBombError as e:  # Pillow checks first, from the same header
+        raise _pillow_refused(name, e, limit) from None
     except MemoryError:
         raise TinyVError(f"{name} is too large to open in the memory available") from None
     except Exception as e:  # Pillow's parsers raise many types on malformed files: all mean "not an image"
@@ -83,7 +102,7 @@ def _open_header(src, name: str):
     width, height = img.size
     if width * height > limit:
         img.close()
-        raise _too_large(name, width, height, limit)
+        raise _too_large(name, width * height, limit, f"{width}x{height} = ")
     return img
 
 
@@ -132,7 +151,8 @@ def to_8bit(img):
     if img.mode in SIXTEEN_BIT_MODES:
         out = (arr.astype(np.uint32) * 255 + 32767) // 65535
     else:
-        arr = arr.astype(np.float64)
+        with np.errstate(invalid="ignore"):  # a signalling NaN in a float image
+            arr = arr.astype(np.float64)
         finite = np.isfinite(arr)
         arr = np.where(finite, arr, 0.0)
         lo, hi = (float(arr[finite].min()), float(arr[finite].max())) if finite.any() else (0.0, 0.0)
@@ -145,7 +165,7 @@ def to_8bit(img):
         else:
             scale, offset = 255.0 / (hi - lo), lo
         out = np.rint((arr - offset) * scale)
-    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8), "L")
+    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))  # [H, W] uint8: mode L
 
 
 def resize_rgb(img, size: int):
