@@ -1,6 +1,7 @@
 """``tinyv`` command line. Only parsing and printing here; torch loads when a command runs."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -56,11 +57,12 @@ class TinyVGroup(click.Group):
 
 
 def _os_error(e: OSError) -> str:
-    try:
-        sys.stdout.flush()
-    except OSError:  # the output itself cannot be written
-        return f"cannot write the output ({e.strerror or e})"
-    return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+    """One line for an OSError: a file's names it; one with no file is most likely the output."""
+    if e.filename:
+        return f"{e.strerror or e}: {e.filename}"
+    if e.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG):
+        return f"cannot write the output ({e.strerror})"
+    return str(e.strerror or e)
 
 
 @click.group(cls=TinyVGroup, context_settings={"help_option_names": ["-h", "--help"]})
