@@ -330,6 +330,23 @@ def test_7_11_signals_clean_up_and_stale_work_folders_go(tiny_paths, tmp_path):
         assert _work_folders(tmp_path) == [] and not (tmp_path / "out" / word).exists()
 
 
+def test_7_only_work_folders_of_dead_exports_on_this_host_are_removed(tmp_path):
+    from tinyv.export.staging import _host_tag, remove_stale
+
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()  # its pid is now free
+    host = _host_tag()
+    names = {f".vision-export-{host}-{done.pid}-a1": False, f".tinyv-export-{host}-{done.pid}-b2": False,
+             f".vision-export-{host}-{os.getpid()}-c3": True,  # alive: this process
+             f".tinyv-export-00000000-{done.pid}-d4": True,  # another host's
+             ".tinyv-export-e5": True, "bundle": True}  # no owner in the name (older tinyv); not ours
+    for n in names:
+        (tmp_path / n).mkdir()
+        (tmp_path / n / "vision.onnx").write_bytes(b"partial")
+    assert sorted(remove_stale(str(tmp_path))) == sorted(n for n, kept in names.items() if not kept)
+    assert sorted(os.listdir(tmp_path)) == sorted(n for n, kept in names.items() if kept)
+
+
 def test_11_ctrl_c_in_any_command_exits_130(runner, scene_path, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
