@@ -12,8 +12,8 @@ __all__ = ["__version__", "TinyVError", "load", "Engine", "TinyGPTV", "TinyGPTVC
 def load(bundle=None, *, announce=None, **options):
     """An ``Engine`` for ``bundle`` (a folder from ``tinyv export``, or ``hf://owner/repo[@revision]``
     on the Hugging Face Hub); with none, the built-in demo model, and ``announce(line)`` is told so
-    (and where a ``device="cuda"``/``"auto"`` engine runs). ``options`` go to ``Engine.load``
-    (``device``, ``max_gpu_memory``, ``threads``, ...)."""
+    (and where a ``device="cuda"``/``"auto"`` engine runs, and of a cache folder that cannot be
+    used). ``options`` go to ``Engine.load`` (``device``, ``max_gpu_memory``, ``threads``, ...)."""
     from tinyv.demo.builtin import resolve_bundle
     from tinyv.engine.engine import Engine
 

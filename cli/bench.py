@@ -5,7 +5,7 @@ import json
 
 import click
 
-from tinyv.cli.main import cli, device_options
+from tinyv.cli.main import cli, device_options, use_tinyv_image_limit
 
 
 @cli.command("bench")
@@ -29,6 +29,11 @@ def bench_cmd(bundle, image, runs, threads, pp, tg, llm_only, as_json, device, m
         lengths = tuple(int(x) for x in pp.split(",") if x.strip())
     except ValueError:
         raise TinyVError(f"--pp takes comma-separated token counts, e.g. 64,512; got {pp!r}") from None
+    if image is not None:
+        from tinyv.engine.image import check_image
+
+        use_tinyv_image_limit()
+        check_image(image)  # before minutes of measuring
     engine = tinyv.load(bundle, threads=threads, cache_dir=None, announce=lambda m: click.echo(m, err=True),
                         device=device, max_gpu_memory=max_gpu_memory)
     limit = engine.config.phi.max_positions

@@ -17,9 +17,7 @@ def cache():
 @click.option("--json", "as_json", is_flag=True)
 def cache_info(as_json):
     """Where the cache is, how many entries and bytes."""
-    from tinyv.engine.cache import EmbeddingCache, default_cache_folder
-
-    info = EmbeddingCache(default_cache_folder()).info()
+    info = _cache().info()
     if as_json:
         click.echo(json.dumps(info))
     else:
@@ -30,7 +28,19 @@ def cache_info(as_json):
 @cache.command("clear")
 def cache_clear():
     """Remove every cached image embedding."""
-    from tinyv.engine.cache import EmbeddingCache, default_cache_folder
-
-    n = EmbeddingCache(default_cache_folder()).clear()
+    n = _cache().clear()
     click.echo(f"removed {n} entries")
+
+
+def _cache():
+    """The default cache; a folder that cannot be used is an error here (running, it is reported
+    once and embeddings stay in memory)."""
+    from tinyv.engine.cache import EmbeddingCache, default_cache_folder
+    from tinyv.engine.paths import folder_problem
+    from tinyv.errors import TinyVError
+
+    folder = default_cache_folder()
+    problem = folder_problem(folder)
+    if problem:
+        raise TinyVError(f"the image cache {folder} cannot be used ({problem}); set TINYV_CACHE to a writable folder")
+    return EmbeddingCache(folder)

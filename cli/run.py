@@ -7,8 +7,10 @@ import sys
 
 import click
 
-from tinyv.cli.main import CHECKPOINT_OPTIONS, checkpoint_options, checkpoint_sources, cli, device_options
+from tinyv.cli.main import (CHECKPOINT_OPTIONS, checkpoint_options, checkpoint_sources, cli, device_options,
+                             one_line, use_tinyv_image_limit)
 
+STDIN = "-"
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -17,20 +19,45 @@ def _err(msg: str) -> None:
 
 
 def expand_images(paths) -> list[str]:
-    """Files as given; folders become their image files (sorted, not recursive)."""
+    """Files as given; folders become their image files (sorted, not recursive); ``-`` (stdin) once."""
     from tinyv.errors import TinyVError
 
     out = []
     for p in paths:
-        if os.path.isdir(p):
+        if p != STDIN and os.path.isdir(p):
             found = sorted(os.path.join(p, f) for f in os.listdir(p)
                            if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS and not f.startswith("."))
             if not found:
-                raise TinyVError(f"{p} has no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+                raise TinyVError(f"{one_line(p)} has no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
             out.extend(found)
         else:
             out.append(p)
+    if out.count(STDIN) > 1:
+        raise TinyVError("- (the image from stdin) can be given only once")
     return out
+
+
+def read_stdin_image() -> bytes:
+    """The image piped to stdin (``tinyv caption -``)."""
+    from tinyv.errors import TinyVError
+
+    how = "pipe an image in, e.g. cat photo.jpg | tinyv caption -"
+    if sys.stdin is None or sys.stdin.isatty():
+        raise TinyVError(f"- reads the image from stdin, but stdin is a terminal; {how}")
+    data = sys.stdin.buffer.read()
+    if not data:
+        raise TinyVError(f"- reads the image from stdin, but stdin is empty; {how}")
+    return data
+
+
+def check_question(question, prompt) -> None:
+    """Fail before loading anything on a question or prompt that is not text."""
+    from tinyv.engine.prompts import check_text
+
+    if question is not None:
+        check_text(question, "the question")
+    if prompt is not None:
+        check_text(prompt, "the prompt")
 
 
 def open_model(opts: dict):
@@ -38,6 +65,7 @@ def open_model(opts: dict):
     answer ``stream(image, question, task=..., prompt=..., **options)``."""
     from tinyv.errors import TinyVError
 
+    use_tinyv_image_limit()
     if not any(opts.get(k) for k in CHECKPOINT_OPTIONS):
         import tinyv
 
@@ -102,15 +130,23 @@ def _record(image, text, tokens, last) -> dict:
 
 
 def run_images(images, question, task, prompt, as_json, opts):
-    """Answer for every image: stream one; progress bar and a line each for many."""
+    """Answer for every image: stream one; for many, a line each (a progress bar on a terminal),
+    going on past an image that fails (reported on stderr, and as an error record with --json),
+    and failing at the end."""
     from tinyv.errors import TinyVError
 
+    check_question(question, prompt)
     sampling = _sampling(opts)
     images = expand_images(images)
+    stdin = read_stdin_image() if STDIN in images else None
     model = open_model(opts)
+
+    def answer(image, echo):
+        source = stdin if image == STDIN else image
+        return _consume(model.stream(source, question, task=task, prompt=prompt, **sampling), echo=echo)
+
     if len(images) == 1:
-        text, tokens, last = _consume(model.stream(images[0], question, task=task, prompt=prompt, **sampling),
-                                      echo=not as_json)
+        text, tokens, last = answer(images[0], echo=not as_json)
         click.echo(json.dumps(_record(images[0], text, tokens, last)) if as_json else "")
         return
     from tqdm import tqdm
@@ -118,57 +154,77 @@ def run_images(images, question, task, prompt, as_json, opts):
     failed = 0
     for image in tqdm(images, desc="images", file=sys.stderr, disable=not sys.stderr.isatty()):
         try:
-            text, tokens, last = _consume(model.stream(image, question, task=task, prompt=prompt, **sampling),
-                                          echo=False)
+            text, tokens, last = answer(image, echo=False)
         except TinyVError as e:
             failed += 1
-            click.echo(json.dumps({"image": image, "error": str(e)}) if as_json else f"{image}: error: {e}")
+            tqdm.write(f"{one_line(image)}: error: {one_line(e)}", file=sys.stderr)
+            if as_json:
+                click.echo(json.dumps({"image": image, "error": str(e)}))
             continue
-        click.echo(json.dumps(_record(image, text, tokens, last)) if as_json else f"{image}: {text}")
+        click.echo(json.dumps(_record(image, text, tokens, last)) if as_json else f"{one_line(image)}: {text}")
     if failed:
         raise TinyVError(f"{failed} of {len(images)} images failed (see above)")
 
 
 @cli.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, allow_dash=True))
 @click.option("--question", "-q", help="Ask this instead of asking for a caption.")
 @click.option("--prompt", help="Raw prompt with <ImageHere> (overrides the template and --question).")
 @run_options
 def caption(images, question, prompt, as_json, **opts):
-    """Caption IMAGES (files or folders), streaming the answer for one image."""
+    """Caption IMAGES (files, folders, or - for stdin), streaming the answer for one image."""
     run_images(images, question, "caption", prompt, as_json, opts)
 
 
 @cli.command()
-@click.argument("image", type=click.Path(exists=True))
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, allow_dash=True))
 @click.argument("question")
 @run_options
-def ask(image, question, as_json, **opts):
-    """Answer QUESTION about IMAGE with the VQA template (short answers)."""
+def ask(images, question, as_json, **opts):
+    """Answer QUESTION about each of IMAGES (- for stdin) with the VQA template (short answers)."""
     from tinyv.errors import TinyVError
 
     if not question.strip():
         raise TinyVError("the question is empty")
-    run_images([image], question, "vqa", None, as_json, opts)
+    run_images(images, question, "vqa", None, as_json, opts)
 
 
 @cli.command()
-@click.argument("image", type=click.Path(exists=True, dir_okay=False))
+@click.argument("image", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
 @run_options
 def chat(image, as_json, **opts):
-    """Ask questions about IMAGE one after another; the image is encoded once. Empty line or EOF ends."""
+    """Ask questions about IMAGE one after another; the image is encoded once. Empty line or EOF ends.
+
+    A question that fails (too long, not UTF-8) is reported and the next one read; the command
+    then fails at the end."""
     from tinyv.errors import TinyVError
 
     sampling = _sampling(opts)
     if any(opts.get(k) for k in CHECKPOINT_OPTIONS):
         raise TinyVError("chat runs a bundle: pass --bundle (or nothing, for the built-in model)")
-    session = open_model(opts).session(image)
+    if image == STDIN:
+        raise TinyVError("chat reads its questions from stdin, so the image must be a file")
+    model = open_model(opts)
+    model.encode_image(image)  # a bad image is one error now, not one per question
+    session = model.session(image)
     tty = sys.stdin.isatty()
+    asked = failed = 0
     while True:
         if tty:
             click.echo("> ", nl=False, err=True)
-        line = sys.stdin.readline()
+        # bytes, decoded here: a line that is not UTF-8 is that question's error, not the session's end
+        line = sys.stdin.buffer.readline().decode("utf-8", "surrogateescape")
         if not line or not line.strip() or line.strip() in ("quit", "exit"):
             break
-        text, tokens, last = _consume(session.stream(line.strip(), **sampling), echo=not as_json)
-        click.echo(json.dumps({"question": line.strip(), **_record(image, text, tokens, last)}) if as_json else "")
+        question, asked = line.strip(), asked + 1
+        try:
+            text, tokens, last = _consume(session.stream(question, **sampling), echo=not as_json)
+        except TinyVError as e:
+            failed += 1
+            click.echo(f"error: {one_line(e)}", err=True)
+            if as_json:
+                click.echo(json.dumps({"question": question, "error": str(e)}))
+            continue
+        click.echo(json.dumps({"question": question, **_record(image, text, tokens, last)}) if as_json else "")
+    if failed:
+        raise TinyVError(f"{failed} of {asked} questions failed (see above)")

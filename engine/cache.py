@@ -1,13 +1,15 @@
 """Image-embedding cache: image content -> embeddings, in memory (LRU) and on disk.
 
-The key is the sha256 of the image's bytes (or of a PIL image's pixels), the bundle's vision
-identity and the pre-processing version, so asking about the same photo again runs no vision work,
-and a different bundle or pre-processing never reuses stale embeddings.
+The key is the sha256 of the image's bytes (or of a PIL image's pixels), the vision graph's
+identity (the sha256 of the bytes that run: ``file_identity.py``) and the pre-processing version,
+so asking about the same photo again runs no vision work, and a different or altered bundle, or
+another pre-processing, never reuses stale embeddings.
 
 Disk entries are safetensors files carrying a checksum of their data, written to a temporary file
 and renamed (atomic): a reader in another process sees a whole entry or none, and a corrupted or
-truncated entry is detected, dropped and recomputed. The folder is kept under a size bound by
-removing the least recently used entries.
+truncated entry, or one of the wrong shape, is detected, dropped and recomputed. The folder is
+kept under a size bound by removing the least recently used entries. A folder that cannot be used
+is reported once (``report``) and the cache then lives in memory only.
 """
 from __future__ import annotations
 
@@ -16,11 +18,15 @@ import io
 import os
 import tempfile
 import threading
+import warnings
 from collections import OrderedDict
+from typing import Callable
 
 import torch
 
-PREPROCESS_VERSION = "blip2-eval-bicubic-v1"
+from tinyv.engine.paths import folder_problem
+
+PREPROCESS_VERSION = "blip2-eval-bicubic-v2"  # v2: 16-bit and float images scaled, not clipped
 DEFAULT_MAX_BYTES = 512 << 20
 DEFAULT_MEMORY_ENTRIES = 64
 
@@ -33,9 +39,9 @@ def image_key(image, namespace: str) -> str:
         h.update(b"bytes\0")
         h.update(image)
     elif isinstance(image, (str, os.PathLike)):
-        from tinyv.engine.image import open_image
+        from tinyv.engine.image import check_image
 
-        open_image(image)  # a clear error for a missing or unreadable file before hashing
+        check_image(image)  # a clear error for a missing, unreadable or too large file before hashing
         h.update(b"bytes\0")
         with open(image, "rb") as f:
             while block := f.read(1 << 20):
@@ -49,8 +55,22 @@ def image_key(image, namespace: str) -> str:
     return h.hexdigest()
 
 
+def _warn(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
 class EmbeddingCache:
-    def __init__(self, folder: str | None, max_bytes: int = DEFAULT_MAX_BYTES, memory_entries: int = DEFAULT_MEMORY_ENTRIES):
+    def __init__(self, folder: str | None, max_bytes: int = DEFAULT_MAX_BYTES, memory_entries: int = DEFAULT_MEMORY_ENTRIES,
+                 report: Callable[[str], None] | None = None):
+        """``folder=None``: memory only. ``report(line)`` is told once if the folder cannot be used
+        (default: a RuntimeWarning)."""
+        self.report = report or _warn
+        self._write_failed = False
+        problem = folder_problem(folder) if folder else None
+        if problem:
+            self.report(f"tinyv: the image cache {folder} cannot be used ({problem}); embeddings are kept in "
+                        "memory only (set TINYV_CACHE to a writable folder)")
+            folder = None
         self.folder = folder
         self.max_bytes = max_bytes
         self.memory_entries = memory_entries
@@ -60,13 +80,22 @@ class EmbeddingCache:
         self.misses = 0
 
     # -- public ----------------------------------------------------------------------------------
-    def get(self, key: str) -> torch.Tensor | None:
+    @property
+    def stamp_folder(self) -> str | None:
+        """Where file hashes are remembered (``file_identity.py``); None for a memory-only cache."""
+        return os.path.join(self.folder, "files") if self.folder else None
+
+    def get(self, key: str, shape: tuple[int, ...] | None = None) -> torch.Tensor | None:
+        """The entry, or None; one not of ``shape`` (float32) counts as damaged: dropped, None."""
         with self._lock:
             if key in self._memory:
                 self._memory.move_to_end(key)
                 self.hits["memory"] += 1
                 return self._memory[key]
         t = self._read(key)
+        if t is not None and shape is not None and (tuple(t.shape) != tuple(shape) or t.dtype != torch.float32):
+            self.drop(key)  # well-formed but not what this model makes
+            t = None
         if t is not None:
             self.hits["disk"] += 1
             self._remember(key, t)
@@ -148,8 +177,11 @@ class EmbeddingCache:
                 if os.path.exists(tmp):
                     os.remove(tmp)
             self._evict()
-        except OSError:
-            pass  # a cache that cannot be written (read-only, full disk) is only a slower cache
+        except OSError as e:  # a cache that cannot be written (read-only, full disk) is only a slower cache
+            if not self._write_failed:
+                self._write_failed = True
+                self.report(f"tinyv: cannot write to the image cache {self.folder} ({e.strerror or e}); "
+                            "embeddings are not saved for next time")
 
     def _evict(self) -> None:
         entries = self.entries()

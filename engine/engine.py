@@ -52,9 +52,7 @@ class Engine:
         self.cache = cache
         self.prefixes = PrefixCache(prefix_cache_bytes)
         self.quant = QuantConfig.from_dict(manifest["quantization"])
-        vision_file = manifest["vision"]["file"]
-        # cache namespace: what the embeddings depend on (the vision graph and its input size)
-        self.vision_id = f"{manifest['files'][vision_file]['sha256']}:{self.config.image_size}"
+        self._vision_id, self._vision_id_lock = None, threading.Lock()
         self.prompt_format = PromptFormat.from_manifest(manifest["prompt"])
         # the kernels run the Linears on their own threads; torch's M = 1 ops then run on one
         self.decode_threads = 1 if kernels is not None and self.quant.bits != 16 else None
@@ -75,7 +73,8 @@ class Engine:
         always checked). ``prefix_cache_bytes`` bounds the KV kept of recent images' prompt
         prefixes (0: none kept). ``device``: ``cpu``, ``cuda`` (bitsandbytes layers, within
         ``max_gpu_memory``, e.g. ``"8GB"``: see ``engine/gpu.py``) or ``auto`` (CUDA when usable and
-        the budget fits); ``announce(line)`` is told where a non-CPU request runs.
+        the budget fits); ``announce(line)`` is told where a non-CPU request runs and of a cache
+        folder that cannot be used (default: a RuntimeWarning).
         """
         from tinyv.engine import gpu
         from tinyv.engine.vision_onnx import open_session
@@ -104,7 +103,7 @@ class Engine:
         tokenizer = Tokenizer.from_file(os.path.join(bundle, tok_info["file"]), tok_info.get("eos_id"))
         vision_path = os.path.join(bundle, manifest["vision"]["file"])
         folder = default_cache_folder() if cache_dir is _CACHE_DEFAULT else cache_dir
-        cache = EmbeddingCache(folder, **({"max_bytes": cache_max_bytes} if cache_max_bytes else {}))
+        cache = EmbeddingCache(folder, **({"max_bytes": cache_max_bytes} if cache_max_bytes else {}), report=announce)
         providers = placement.vision_providers()
         return cls(bundle, manifest, phi, tokenizer,
                    lambda: open_session(vision_path, threads=vision_threads or threads, providers=providers),
@@ -131,6 +130,30 @@ class Engine:
     @vision.setter
     def vision(self, session) -> None:
         self._vision = session
+
+    @property
+    def vision_id(self) -> str:
+        """The image cache's namespace: what embeddings depend on, the vision graph's bytes and its
+        input size. With a disk cache these are the sha256 of the files that run (hashed once per
+        change of the file, ``file_identity.py``), never the manifest's word for them: an altered
+        graph must not file its embeddings where the genuine one looks. A memory-only cache lives
+        and dies with this engine and its files, so the manifest's hashes name them."""
+        with self._vision_id_lock:
+            if self._vision_id is None:
+                v = self.manifest["vision"]
+                names = [v["file"]] + ([v["data_file"]] if v.get("data_file") else [])
+                self._vision_id = "+".join(self._file_sha(n) for n in names) + f":{self.config.image_size}"
+            return self._vision_id
+
+    def _file_sha(self, name: str) -> str:
+        if self.cache.folder is None:
+            return self.manifest["files"][name]["sha256"]
+        from tinyv.engine.file_identity import file_sha256
+
+        try:
+            return file_sha256(os.path.join(self.bundle, name), self.cache.stamp_folder)
+        except OSError as e:
+            raise TinyVError(f"cannot read {self.bundle}/{name} ({e.strerror or e}); re-copy the bundle") from None
 
     @property
     def kernel_path(self) -> str:
@@ -165,7 +188,7 @@ class Engine:
         """On the worker: the vision graph, or the cache (``key``: the image's, if known)."""
         key = key or image_key(image, self.vision_id)
         if use_cache:
-            hit = self.cache.get(key)
+            hit = self.cache.get(key, (1, self.config.qformer.num_queries, self.config.phi.hidden))
             if hit is not None:
                 return hit, True
         pixels = preprocess(image, self.config.image_size)
@@ -220,7 +243,7 @@ class Session:
     def stream(self, question: str | None = None, *, task: str = "caption", stop_event: threading.Event | None = None,
                timeout: float | None = None, **options) -> Stream:
         """Stream one answer (see ``Engine.stream``); errors in the arguments are raised here."""
-        opts = GenerationOptions(**options)
+        opts = GenerationOptions.from_options(options)
         before, after = self.engine.prompt_format.split(question, task, self.prompt)
 
         def steps(should_stop):

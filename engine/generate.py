@@ -8,9 +8,10 @@ image prefill only their own tokens.
 """
 from __future__ import annotations
 
+import numbers
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable, Iterator
 
 import torch
@@ -38,9 +39,22 @@ class GenerationOptions:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise TinyVError("max_new_tokens must be at least 1")
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise TinyVError(f"max_new_tokens must be a whole number, at least 1; got {self.max_new_tokens!r}")
+        if not isinstance(self.greedy, bool):
+            raise TinyVError(f"greedy must be True or False; got {self.greedy!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise TinyVError(f"seed must be a whole number or None; got {self.seed!r}")
         check_sampling(self.temperature, self.top_p, self.repetition_penalty)  # at the call, not on the worker
+
+    @classmethod
+    def from_options(cls, options: dict) -> "GenerationOptions":
+        """From keyword options as a caller gives them; a name that is no option is a TinyVError."""
+        unknown = sorted(set(options) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TinyVError(f"unknown option {', '.join(map(str, unknown))}; the options are "
+                             f"{', '.join(f.name for f in fields(cls))}")
+        return cls(**options)
 
     def sampler(self):
         return make_sampler(self.greedy, self.temperature, self.top_p, self.repetition_penalty, self.seed)
@@ -65,6 +79,10 @@ class Prefix:
     logits: torch.Tensor  # [vocab] at the last prefix position
     prefill_s: float = 0.0  # time its prefill took
     fresh: bool = True  # not yet used by an answer (whose figures then count its prefill)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def build_prompt_embeds(phi: PhiForCausalLM, tok: Tokenizer, prompt: str, image_embeds: torch.Tensor) -> torch.Tensor:

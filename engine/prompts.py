@@ -51,6 +51,11 @@ class PromptFormat:
         """The text put into the template: a free question, the caption request, or the VQA wrapper."""
         if task not in TASKS:
             raise TinyVError(f"task must be 'caption' or 'vqa', got {task!r}")
+        if question is not None:
+            check_text(question, "the question")
+            if IMAGE_PLACEHOLDER in question:
+                raise TinyVError(f"the question contains {IMAGE_PLACEHOLDER}, which marks where the image goes; "
+                                 "remove it (a raw template goes in --prompt / prompt=)")
         if task == "vqa":
             if not question or not question.strip():
                 raise TinyVError("a VQA question is empty; ask something")
@@ -63,7 +68,9 @@ class PromptFormat:
 
     def split(self, question: str | None = None, task: str = "caption", prompt: str | None = None) -> tuple[str, str]:
         """Text before and after the image: from a raw ``prompt`` if given, else from the template."""
-        return split_prompt(prompt if prompt is not None else self.render(question, task))
+        if prompt is not None:
+            return split_prompt(check_text(prompt, "the prompt"))
+        return split_prompt(self.render(question, task))
 
 
 def build_prompt(stage: int, question: str | None = None, task: str = "caption") -> str:
@@ -80,6 +87,23 @@ def split_prompt(prompt: str) -> tuple[str, str]:
             f"e.g. {STAGE4_CHAT!r}"
         )
     return parts[0], parts[1]
+
+
+def check_text(text, what: str) -> str:
+    """``text`` if it is a ``str`` that UTF-8 can encode; else a TinyVError naming ``what``."""
+    if not isinstance(text, str):
+        raise TinyVError(f"{what} must be text (str), got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = ord(text[e.start])
+        if 0xDC80 <= bad <= 0xDCFF:  # a byte that was not UTF-8, as Python decodes argv and stdin
+            detail = f"byte 0x{bad - 0xDC00:02x} at character {e.start}"
+        else:
+            detail = f"lone surrogate U+{bad:04X} at character {e.start}"
+        raise TinyVError(f"{what} is not valid UTF-8 text ({detail}); check the encoding of your terminal "
+                         "or file") from None
+    return text
 
 
 def cut_at_stop(text: str, stops=STOP_STRINGS) -> tuple[str, bool]:

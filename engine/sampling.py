@@ -4,6 +4,8 @@ Samplers are closures made outside the model: ``sampler(logits [V], history ids)
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Callable, Sequence
 
 import torch
@@ -38,7 +40,10 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def check_sampling(temperature: float, top_p: float, repetition_penalty: float) -> None:
-    """A ``TinyVError`` for options out of range (before any work is queued)."""
+    """A ``TinyVError`` for options out of range or not numbers (before any work is queued)."""
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("repetition_penalty", repetition_penalty)):
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+            raise TinyVError(f"{name} must be a finite number; got {value!r}")
     if temperature < 0 or not 0 < top_p <= 1 or repetition_penalty <= 0:
         raise TinyVError(
             "sampling options out of range: temperature >= 0, 0 < top_p <= 1, repetition_penalty > 0"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 
+from tinyv.engine.prompts import check_text
 from tinyv.errors import TinyVError
 
 EOS_TOKEN = "<|endoftext|>"
@@ -60,7 +61,7 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids with no BOS or other special tokens added (SPEC §1.9)."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok.encode(check_text(text, "the text"), add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
         """Text of ``ids``; ids with no entry (Phi-2's 50295..51199) decode to nothing (SPEC §1.15)."""

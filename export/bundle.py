@@ -6,7 +6,8 @@ LoRA merged, per-layer SQNR), verify (quantized vs a streamed fp32 reference on 
 then the quality gate), write (manifest with sizes and hashes).
 
 Everything is written into a temporary folder beside the target and renamed at the end: an error,
-a full disk or Ctrl-C leaves neither a half bundle nor stray temp files.
+a full disk or Ctrl-C leaves neither a half bundle nor stray temp files, and the folders of an
+export that was killed are removed by the next one (``export.staging``).
 
 Memory (full size: Phi-2 2.8 B, ViT-g 1 B): each stage frees what the next does not need, so the
 peak is the vision stage (the fp32 torch vision model beside its ONNX export, ~7 GB); the LLM
@@ -15,17 +16,13 @@ dict gives the RSS at the end of each stage and the peak so far.
 """
 from __future__ import annotations
 
-import errno
-import os
-import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 
-from tinyv.engine.bundle import MANIFEST
 from tinyv.errors import TinyVError
 from tinyv.export.memory import StageMemory, release_memory
 from tinyv.export.quality import check_gate
+from tinyv.export.staging import check_target, staging_folder
 from tinyv.export.stages import (
     Progress,
     export_and_probe_vision,
@@ -71,9 +68,9 @@ def export_bundle(
     qcfg = QuantConfig(bits, group_size)
     if vision not in VISION_PRECISIONS:
         raise TinyVError(f"--vision must be one of {', '.join(VISION_PRECISIONS)}, got {vision!r}")
-    out = _check_target(out, force)
+    out = check_target(out, force)
     log = _StageLog()
-    with _staging_folder(out) as tmp:
+    with staging_folder(out) as tmp:
         with log.stage("load"):
             ck, sources = load_sources(phi2, vit, qformer, stage, image_size=image_size, preset=preset, qcfg=qcfg,
                                        progress=progress)
@@ -90,34 +87,6 @@ def export_bundle(
                                 quality=quality, timings=log.export_timings, progress=progress)
         log.memory.mark("write")
     return {**manifest, "export_memory": log.memory.summary()}
-
-
-def _check_target(out, force: bool) -> str:
-    """``out`` as an absolute path, after checking that the export may write there."""
-    out = os.path.abspath(os.fspath(out))
-    if os.path.exists(out) and not force:
-        raise TinyVError(f"{out} already exists; choose another -o or pass --force to replace it")
-    if os.path.exists(out) and not os.path.isfile(os.path.join(out, MANIFEST)) and os.listdir(out):
-        raise TinyVError(f"{out} is a folder that is not a tinyv bundle; tinyv will not replace it")
-    return out
-
-
-@contextmanager
-def _staging_folder(out: str):
-    """A temporary folder beside ``out`` (same file system: the final move is a rename), removed
-    with whatever is in it unless the export renamed it; a full disk becomes a TinyVError."""
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tinyv-export-", dir=parent)
-    try:
-        yield tmp
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise TinyVError(f"the disk is full while writing {out}; free space and export again") from None
-        raise
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 class _StageLog:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tinyv.engine.config import TinyGPTVConfig
+from tinyv.engine.config import PRESET_NAMES, TinyGPTVConfig
 from tinyv.errors import TinyVError
 from tinyv.export.key_tables import short_list
 
@@ -29,7 +29,8 @@ def check_lora(lora: dict, cfg: TinyGPTVConfig) -> None:
         if a.shape[0] != cfg.lora_r or b.shape[1] != cfg.lora_r:
             raise TinyVError(
                 f"--stage: layer {layer} {module} LoRA has rank {a.shape[0]}, expected {cfg.lora_r} "
-                f"(TinyGPT-V uses r={cfg.lora_r}, alpha={cfg.lora_alpha})"
+                f"(TinyGPT-V uses r={cfg.lora_r}, alpha={cfg.lora_alpha}); checkpoints of another size "
+                f"need the matching --preset ({', '.join(PRESET_NAMES)})"
             )
 
 

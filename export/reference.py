@@ -107,7 +107,7 @@ class TinyGPTV(nn.Module):
         The same call as ``Engine.stream`` (same options and defaults, the same generation loop);
         ``image`` may also be precomputed embeddings [1, Q, hidden].
         """
-        opts = GenerationOptions(**options)
+        opts = GenerationOptions.from_options(options)
         tok = self._need_tokenizer()
         fmt = PromptFormat.for_stage(self.config.stage)
         before, after = fmt.split(question, task, prompt)

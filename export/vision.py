@@ -35,6 +35,7 @@ from tinyv.engine.vision_onnx import open_session as open_vision_session
 from tinyv.errors import TinyVError
 from tinyv.export.memory import release_memory
 from tinyv.export.onnx_writer import inline_if_small, weight_bytes
+from tinyv.export.staging import VISION_PREFIX, work_folder
 from tinyv.export.vision_quant import quantize_pieces
 from tinyv.export.vision_trace import INPUT, OUTPUT, VisionEncoder, fold_projections, write_fp32_graph
 from tinyv.export.vision_verify import probe_images, verify_graph
@@ -86,7 +87,7 @@ def export_vision(
     work = None
     try:
         try:  # beside out_dir: same file system, so the final move is a rename
-            work = tempfile.mkdtemp(prefix=".vision-export-", dir=os.path.dirname(out_dir))
+            work = work_folder(VISION_PREFIX, os.path.dirname(out_dir))
         except OSError:
             work = tempfile.mkdtemp(prefix="tinyv-vision-export-")
         # torch reference first: no ONNX Runtime session exists yet

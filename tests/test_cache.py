@@ -135,6 +135,7 @@ def test_writes_are_atomic_no_temp_files(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", broken)
+    c.report = lambda line: None  # what it says: test_unwritable_folder_is_only_a_slower_cache
     c.put(_key(4), _t(40))  # no exception: the cache is only a cache
     monkeypatch.undo()
     assert _temps(folder) == []
@@ -222,26 +223,31 @@ def test_unwritable_folder_is_only_a_slower_cache(tmp_path, monkeypatch):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(os, "makedirs", refuse)
-    c = EmbeddingCache(str(tmp_path / "emb"))
+    said = []
+    c = EmbeddingCache(str(tmp_path / "emb"), report=said.append)
     c.put(_key(1), _t(1))  # does not raise
+    c.put(_key(3), _t(3))
+    assert len(said) == 1 and "cannot write to the image cache" in said[0]  # said once
     assert torch.equal(c.get(_key(1)), _t(1)) and c.hits["memory"] == 1
     assert not (tmp_path / "emb").exists() and c.entries() == []
     monkeypatch.undo()
     # a full disk: the folder exists but the write fails half way; nothing is left behind
     monkeypatch.setattr(os, "replace", refuse)
-    c = EmbeddingCache(str(tmp_path / "full"))
+    c = EmbeddingCache(str(tmp_path / "full"), report=said.append)
     c.put(_key(1), _t(1))
     assert torch.equal(c.get(_key(1)), _t(1)) and c.entries() == []
     assert [n for _, _, ns in os.walk(tmp_path / "full") for n in ns] == []  # no temporary file left
     monkeypatch.undo()
-    # a "folder" that is a file fails the same quiet way, root or not
+    # a "folder" that is a file is said at once, root or not; the cache is then memory only
     f = tmp_path / "a-file"
     f.write_text("x")
-    c = EmbeddingCache(str(f))
+    said.clear()
+    c = EmbeddingCache(str(f), report=said.append)
+    assert len(said) == 1 and "is a file" in said[0] and c.folder is None
     c.put(_key(2), _t(2))
     assert torch.equal(c.get(_key(2)), _t(2))
     assert c.entries() == [] and c.info()["entries"] == 0 and c.clear() == 0
-    assert EmbeddingCache(str(f)).get(_key(2)) is None
+    assert EmbeddingCache(str(f), report=said.append).get(_key(2)) is None
 
 
 def test_clear_and_info(tmp_path):
