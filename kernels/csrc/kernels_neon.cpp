@@ -4,9 +4,10 @@
 // arm64 CPU and the path is chosen per context from the CPU's features (cpu_features.h).
 //
 // Same C ABI, same job, same activation layout (act.h) and the weights as stored: the inner loop
-// of a 64-byte block of int4 weights is 4 loads, 4 × (eor, shl, and) to split the nibbles, and per
-// activation row 8 sdot (16 smull/smlal/sadalp without dotprod) into int32 lanes, 3 pairwise adds
-// down to one lane per group (or lane pair), one convert and one FMA by (weight × activation scale).
+// of a 64-byte block of int4 weights is 2 loads, 4 × (and, shift) to split the nibbles, and per
+// activation row 8 sdot (8 × smull/smlal2/sadalp without dotprod) into int32 lanes that start from
+// the activation's offset-correction lanes, 3 pairwise adds down to one lane per group (or lane
+// pair), one convert and one FMA by (weight × activation scale).
 #include "kernels_neon.h"
 
 #if defined(__aarch64__)
