@@ -1,7 +1,8 @@
 """The compiled CPU kernels (``kernels/csrc/``), loaded through a plain C ABI with ctypes.
 
 ``pip install .`` builds them with the system compiler into ``tinyv/kernels/_qgemm*.so``: one
-binary with AVX-512 VNNI, AVX2 and portable code, picked at run time from the CPU's features.
+binary with AVX-512 VNNI, AVX2 and portable code on x86-64, or NEON with i8mm, with dotprod and
+plain on arm64 (Apple Silicon, Snapdragon, Graviton...), picked at run time from the CPU's features.
 
 The route is resolved once: :func:`open_kernels` reads the setting, loads the library and
 returns a :class:`Kernels` object (its own C context: ISA, thread count, thread pool), or None
@@ -9,9 +10,10 @@ for the pure-torch path. An engine opens one and hands it to every ``QuantLinear
 keeps mutable module state, so two engines in one process never disturb each other.
 :func:`describe` says which path an object runs (``tinyv bench`` prints it).
 
-``TINYV_KERNELS`` = ``auto`` (default) | ``torch`` | ``avx512`` | ``avx2`` | ``scalar`` — the last
-three force a path (capped at what the CPU has), for tests and comparisons. Any other value is an
-error (:func:`check_setting`), not a silent fall-back to the slow path.
+``TINYV_KERNELS`` = ``auto`` (default) | ``torch`` | ``avx512`` | ``avx2`` | ``neon-i8mm`` |
+``neon-dotprod`` | ``neon`` | ``scalar`` — all but the first two force a path (capped at what the
+CPU has; another architecture's path gives the scalar one), for tests and comparisons. Any other
+value is an error (:func:`check_setting`), not a silent fall-back to the slow path.
 """
 from __future__ import annotations
 
@@ -23,9 +25,14 @@ import weakref
 
 import torch
 
-ISA_NAMES = ("scalar", "avx2", "avx512-vnni")
+ISA_NAMES = ("scalar", "avx2", "avx512-vnni", "neon", "neon-dotprod", "neon-i8mm")  # by the C ABI's number
 ABI_VERSION = 3
-_FORCED_ISA = {"scalar": 0, "avx2": 1, "avx512": 2}  # setting -> the C ABI's ISA number
+# setting -> the C ABI's ISA number
+_FORCED_ISA = {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 3, "neon-dotprod": 4, "neon-i8mm": 5}
+# a forcing setting -> the path it runs where the CPU has it (tests and benchmarks iterate over it)
+PATH_OF_SETTING = {setting: ISA_NAMES[isa] for setting, isa in _FORCED_ISA.items()}
+# tv_cpu_features' bits
+_FEATURE_BITS = ((1, "avx2"), (2, "avx512-vnni"), (4, "neon"), (8, "neon-dotprod"), (16, "neon-i8mm"))
 _BEST_ISA = -1
 _FLAG_GELU = 1
 _RC_BUSY = -2
@@ -37,7 +44,8 @@ _BF16_PREFILL_ROWS = 256
 
 def _library_path() -> str | None:
     here = os.path.dirname(os.path.abspath(__file__))
-    found = sorted(glob.glob(os.path.join(here, "_qgemm*.so")) + glob.glob(os.path.join(here, "_qgemm*.pyd")))
+    found = sorted(glob.glob(os.path.join(here, "_qgemm*.so")) + glob.glob(os.path.join(here, "_qgemm*.pyd"))
+                   + glob.glob(os.path.join(here, "_qgemm*.dylib")))
     return found[0] if found else None
 
 
@@ -46,7 +54,7 @@ def _normalise(raw: str) -> str:
     if choice not in ("auto", "torch", *_FORCED_ISA):
         from tinyv.errors import TinyVError
 
-        raise TinyVError(f"TINYV_KERNELS={raw!r} is not one of auto, torch, avx512, avx2, scalar: "
+        raise TinyVError(f"TINYV_KERNELS={raw!r} is not one of auto, torch, {', '.join(_FORCED_ISA)}: "
                          "unset it (auto picks the fastest path this CPU has) or set one of those")
     return choice
 
@@ -115,7 +123,7 @@ def cpu_features() -> list[str]:
     if lib is None:
         return []
     bits = lib.tv_cpu_features()
-    return [name for bit, name in ((1, "avx2"), (2, "avx512-vnni")) if bits & bit]
+    return [name for bit, name in _FEATURE_BITS if bits & bit]
 
 
 def _cpu_flags() -> set[str]:
@@ -156,7 +164,7 @@ def describe(kernels: Kernels | None, setting: str | None = None) -> str:
     if kernels is None:
         why = unavailable_reason(setting) or "no compiled kernels were opened"
         return f"torch reference (dequantize + matmul): {why}"
-    return f"native {kernels.isa} (cpu offers: {', '.join(cpu_features()) or 'none of avx2/avx512-vnni'})"
+    return f"native {kernels.isa} (cpu offers: {', '.join(cpu_features()) or 'no SIMD path tinyv has'})"
 
 
 class Kernels:

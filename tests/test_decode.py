@@ -35,7 +35,7 @@ def _defaults(monkeypatch, one_torch_thread):
 
 def isas():
     have = native.cpu_features()
-    return ["scalar"] + (["avx2"] if "avx2" in have else []) + (["avx512"] if "avx512-vnni" in have else [])
+    return [setting for setting, isa in native.PATH_OF_SETTING.items() if isa == "scalar" or isa in have]
 
 
 def bundle_tensors(cfg: PhiConfig, qcfg: QuantConfig, seed: int = 0) -> dict:

@@ -41,10 +41,10 @@ def isas():
     """The paths this CPU can run (the scalar one always), as settings."""
     opened()
     have = native.cpu_features()
-    return ["scalar"] + (["avx2"] if "avx2" in have else []) + (["avx512"] if "avx512-vnni" in have else [])
+    return [setting for setting, isa in native.PATH_OF_SETTING.items() if isa == "scalar" or isa in have]
 
 
-ISA_OF_SETTING = {"scalar": "scalar", "avx2": "avx2", "avx512": "avx512-vnni"}
+ISA_OF_SETTING = native.PATH_OF_SETTING
 
 
 def quantized_activation(x: torch.Tensor, group: int) -> torch.Tensor:
@@ -159,6 +159,22 @@ def test_describe_names_the_path(monkeypatch):
         assert native.describe(kernels).startswith("native " + ISA_OF_SETTING[path])
         use(path, monkeypatch)  # the same through TINYV_KERNELS
         assert native.open_kernels().isa == ISA_OF_SETTING[path]
+
+
+def test_a_forced_path_is_capped_to_what_the_cpu_has():
+    """A path above the CPU's best in its family runs the best; another architecture's path (NEON
+    on x86-64, AVX on arm64) runs the scalar one rather than an instruction the CPU lacks."""
+    have = native.cpu_features()
+    best = opened().isa
+    arm = any(isa.startswith("neon") for isa in have)
+    family = ["neon", "neon-dotprod", "neon-i8mm"] if arm else ["avx2", "avx512"]
+    foreign = ["avx2", "avx512"] if arm else ["neon", "neon-dotprod", "neon-i8mm"]
+    if have:  # the top of this CPU's family gives its best path, whatever that is
+        assert opened(family[-1]).isa == best
+    for setting in foreign:
+        kernels = opened(setting)
+        assert kernels.isa == "scalar", setting
+        assert native.describe(kernels).startswith("native scalar")
 
 
 def test_an_unknown_kernel_setting_is_an_error_not_a_slow_fallback(monkeypatch, tmp_path):

@@ -56,7 +56,7 @@ double ns_since(Clock::time_point t0) { return std::chrono::duration<double, std
 
 void quantize(int isa, const float* x, Act& a, int e0, int e1) {
     if (isa == ISA_SCALAR) quantize_span<GroupScalar>(x, a, e0, e1);
-    else quantize_span<GroupAvx2>(x, a, e0, e1);
+    else quantize_span<GroupSimd>(x, a, e0, e1);
 }
 
 // Up to two GEMVs run as one pool phase, each split into row spans (multiples of 16 rows, a
@@ -75,7 +75,7 @@ void gemv_task(void* p, int i, int n) {
         const int n0 = std::min(j.N, i * per), n1 = std::min(j.N, n0 + per);
         if (n0 >= n1) continue;
         run_rows(j, n0, n1);
-        if (g.gelu[s]) gelu_avx2(j.y + n0, n1 - n0);
+        if (g.gelu[s]) gelu_simd(j.y + n0, n1 - n0);
     }
 }
 
@@ -122,7 +122,7 @@ void head_step(const AttnPhase& a, int hd) {
     float* scores = &m.scores[(size_t)hd * m.d.max_positions];
     float* out = &m.attn[(size_t)hd * D];
     if (a.isa == ISA_SCALAR) attend_scalar(q, K, V, n, D, div, scores, out);
-    else attend_avx2(q, K, V, n, D, div, scores, out);
+    else attend_simd(q, K, V, n, D, div, scores, out);
 }
 
 void attn_task(void* p, int i, int n) {

@@ -2,10 +2,14 @@
 // for one row in spans, per-head attention over an fp16 or fp32 KV cache, GELU-tanh over a span.
 // Each comes as the portable reference and an AVX2 + F16C version; the AVX-512 ISA runs the AVX2
 // ones too (every AVX-512 VNNI CPU has AVX2, and these ops are memory- or latency-bound on
-// vectors of a few thousand floats, so wider registers would buy nothing measurable).
+// vectors of a few thousand floats, so wider registers would buy nothing measurable). On arm64
+// the NEON versions (decode_ops_neon.h) serve every NEON ISA. decode.cpp calls GroupSimd,
+// attend_simd and gelu_simd (the end of this file), whichever architecture it is built for.
 #pragma once
 
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -59,6 +63,7 @@ struct GroupScalar {
     }
 };
 
+#if defined(__x86_64__) || defined(__i386__)
 struct GroupAvx2 {
     TV_AVX2 static float run(const float* x, int G, int8_t* dst) {
         const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
@@ -81,6 +86,7 @@ struct GroupAvx2 {
         return d;
     }
 };
+#endif
 
 // Quantize elements [e0, e1) (whole units) of the one row x into a (row 0), in act.h's layout:
 // the same codes and scales quantize_rows gives, so any kernel can consume them.
@@ -156,6 +162,7 @@ void attend_scalar(const float* q, const T* K, const T* V, int n, int D, float d
     for (int d = 0; d < D; d++) out[d] /= sum;
 }
 
+#if defined(__x86_64__) || defined(__i386__)
 TV_AVX2 inline __m256 kv_load8(const float* p) { return _mm256_loadu_ps(p); }
 TV_AVX2 inline __m256 kv_load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
 
@@ -262,5 +269,40 @@ TV_AVX2 inline void gelu_avx2(float* y, int n) {
     }
     for (; i < n; i++) y[i] = gelu_tanh(y[i]);
 }
+#endif
+
+}  // namespace tinyv
+
+#if defined(__aarch64__)
+#include "decode_ops_neon.h"  // GroupNeon, attend_neon, gelu_neon, built on the helpers above
+#endif
+
+namespace tinyv {
+
+// The vector versions of this architecture, run for every ISA but the scalar one.
+#if defined(__x86_64__) || defined(__i386__)
+using GroupSimd = GroupAvx2;
+template <class T>
+void attend_simd(const float* q, const T* K, const T* V, int n, int D, float div, float* scores, float* out) {
+    attend_avx2(q, K, V, n, D, div, scores, out);
+}
+inline void gelu_simd(float* y, int n) { gelu_avx2(y, n); }
+#elif defined(__aarch64__)
+using GroupSimd = GroupNeon;
+template <class T>
+void attend_simd(const float* q, const T* K, const T* V, int n, int D, float div, float* scores, float* out) {
+    attend_neon(q, K, V, n, D, div, scores, out);
+}
+inline void gelu_simd(float* y, int n) { gelu_neon(y, n); }
+#else
+using GroupSimd = GroupScalar;
+template <class T>
+void attend_simd(const float* q, const T* K, const T* V, int n, int D, float div, float* scores, float* out) {
+    attend_scalar(q, K, V, n, D, div, scores, out);
+}
+inline void gelu_simd(float* y, int n) {
+    for (int i = 0; i < n; i++) y[i] = gelu_tanh(y[i]);
+}
+#endif
 
 }  // namespace tinyv

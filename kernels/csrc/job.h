@@ -1,5 +1,6 @@
 // What every kernel shares: the GEMM job, its output epilogue (bias, GELU) and the padded-tail
-// helper. The ISA-specific code carries target attributes, so one binary runs on any x86-64.
+// helper. The ISA-specific code carries target attributes, so one binary runs on any x86-64 (and,
+// with kernels_neon.cpp, on any arm64).
 #pragma once
 
 #include <cmath>
@@ -13,7 +14,8 @@
 
 namespace tinyv {
 
-enum Isa { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512VNNI = 2 };
+// x86 paths 1-2, arm64 paths 3-5 (cpu_features.h); the numbers are the C ABI's (tv_ctx_new).
+enum Isa { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512VNNI = 2, ISA_NEON = 3, ISA_NEON_DOTPROD = 4, ISA_NEON_I8MM = 5 };
 enum Flags { FLAG_GELU = 1 };
 
 constexpr int MR = 4;   // activation rows per pass over a weight row (registers)

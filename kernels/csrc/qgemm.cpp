@@ -18,6 +18,7 @@
 // The whole library is one binary: the AVX-512 (kernels_avx512.h) and AVX2 (kernels_avx2.h) code
 // carries target attributes and is picked per context from the CPU's features; the portable
 // scalar path here serves everything else and is the reference the SIMD paths are tested against.
+// On arm64 the NEON, dotprod and i8mm paths (kernels_neon.cpp, cpu_features.cpp) take their place.
 // This file: the scalar reference, the dispatch, and the C ABI (tinyv_kernels.h).
 #include "tinyv_kernels.h"
 
@@ -28,10 +29,14 @@
 #include <new>
 
 #include "act.h"
+#include "cpu_features.h"
 #include "ctx.h"
 #include "job.h"
+#if defined(__x86_64__) || defined(__i386__)
 #include "kernels_avx2.h"
 #include "kernels_avx512.h"
+#endif
+#include "kernels_neon.h"
 #include "pool.h"
 
 #define TV_EXPORT extern "C" __attribute__((visibility("default")))
@@ -40,6 +45,9 @@ namespace tinyv {
 namespace {
 
 int cpu_best_isa() {
+#if !defined(__x86_64__) && !defined(__i386__)
+    return arm_best_isa();  // scalar on anything but arm64
+#else
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
@@ -48,6 +56,7 @@ int cpu_best_isa() {
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
         return ISA_AVX2;
     return ISA_SCALAR;
+#endif
 }
 
 // Scalar reference: the same integer sums, one group at a time.
@@ -98,12 +107,14 @@ void rows_simd(const Job& j, int n0, int n1) {
     }
 }
 
+#if defined(__x86_64__) || defined(__i386__)
 template <int G>
 void rows_simd_grouped(const Job& j, int n0, int n1) {
     const bool q4 = j.bits == 4;
     if (j.isa == ISA_AVX512VNNI) return q4 ? rows_simd<Q4Avx512<G>>(j, n0, n1) : rows_simd<Q8Avx512<G>>(j, n0, n1);
     return q4 ? rows_simd<Q4Avx2<G>>(j, n0, n1) : rows_simd<Q8Avx2<G>>(j, n0, n1);
 }
+#endif
 
 // Rows per task: a multiple of 16 (a cache line of output) so threads never share a line.
 void gemm_task(void* p, int i, int n) {
@@ -136,11 +147,17 @@ void parallel_for(tv_ctx* ctx, int n, void (*fn)(void*, int, int), void* arg) {
 
 void run_rows(const Job& j, int n0, int n1) {
     if (j.isa == ISA_SCALAR) return rows_scalar(j, n0, n1);
+#if defined(__aarch64__)
+    return rows_neon(j, n0, n1);
+#elif defined(__x86_64__) || defined(__i386__)
     switch (j.G) {
         case 32: return rows_simd_grouped<32>(j, n0, n1);
         case 64: return rows_simd_grouped<64>(j, n0, n1);
         default: return rows_simd_grouped<128>(j, n0, n1);
     }
+#else
+    rows_scalar(j, n0, n1);  // no SIMD path here: contexts are always scalar
+#endif
 }
 
 }  // namespace tinyv
@@ -151,15 +168,13 @@ void run_rows(const Job& j, int n0, int n1) {
 TV_EXPORT int tv_abi_version(void) { return 3; }
 
 TV_EXPORT int tv_cpu_features(void) {
-    const int best = tinyv::cpu_best_isa();
-    return (best >= tinyv::ISA_AVX2 ? 1 : 0) | (best >= tinyv::ISA_AVX512VNNI ? 2 : 0);
+    return tinyv::isa_feature_bits(tinyv::cpu_best_isa());
 }
 
 TV_EXPORT tv_ctx* tv_ctx_new(int isa, int threads) {
     tv_ctx* ctx = new (std::nothrow) tv_ctx();
     if (!ctx) return nullptr;
-    const int best = tinyv::cpu_best_isa();
-    ctx->isa = isa < 0 ? best : std::min(isa, best);
+    ctx->isa = tinyv::cap_isa(isa, tinyv::cpu_best_isa());
     ctx->threads = std::max(1, std::min(threads, 255));  // the pool's job word holds 8 bits of count
     return ctx;
 }

@@ -16,11 +16,14 @@ typedef struct tv_ctx tv_ctx;
 // 3 for this ABI; the Python side refuses a library with another number.
 int tv_abi_version(void);
 
-// Bit set of what the CPU offers: 1 = the AVX2 path is usable, 2 = the AVX-512 VNNI path is.
+// Bit set of what the CPU offers: 1 = the AVX2 path is usable, 2 = the AVX-512 VNNI path is;
+// on arm64 4 = NEON, 8 = NEON with dotprod (sdot), 16 = NEON with dotprod and i8mm (smmla).
 int tv_cpu_features(void);
 
-// A context running the kernels on `isa` (0 scalar, 1 AVX2, 2 AVX-512 VNNI; negative = the best
-// this CPU has; capped at what it has) with `threads` threads (the caller's included; 1..255).
+// A context running the kernels on `isa` (0 scalar, 1 AVX2, 2 AVX-512 VNNI, 3 NEON, 4 NEON
+// dotprod, 5 NEON i8mm; negative = the best this CPU has; capped at what it has within the
+// request's family, scalar for the other family's) with `threads` threads (the caller's
+// included; 1..255).
 // NULL if out of memory. Pool threads start on the first call that needs them.
 tv_ctx* tv_ctx_new(int isa, int threads);
 
