@@ -3,6 +3,7 @@
 // with kernels_neon.cpp, on any arm64).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -71,6 +72,23 @@ inline const void* span_or_padded(const void* row, int at, int rowbytes, int wid
     std::memset(tail, fill, width);
     if (at < rowbytes) std::memcpy(tail, (const uint8_t*)row + at, rowbytes - at);
     return tail;
+}
+
+// Output rows [n0, n1) with one SIMD kernel (Kernel::block<R> = one weight row x R activation
+// rows). A tile of weight rows stays in L2 while every activation row passes over it, so each
+// weight byte comes from memory once per call (streaming all of them per MR rows, as before, read
+// them M / MR times in a prefill).
+template <class Kernel>
+void rows_tiled(const Job& j, int n0, int n1) {
+    const int tile = std::max(16, (NB_BYTES / std::max(1, j.K * j.bits / 8)) / 16 * 16);
+    for (int nb = n0; nb < n1; nb += tile) {
+        const int nend = nb + tile < n1 ? nb + tile : n1;
+        int m = 0;
+        for (; m + MR <= j.M; m += MR)
+            for (int n = nb; n < nend; n++) Kernel::template block<MR>(j, n, m);
+        for (; m < j.M; m++)
+            for (int n = nb; n < nend; n++) Kernel::template block<1>(j, n, m);
+    }
 }
 
 }  // namespace tinyv

@@ -1,5 +1,5 @@
 // AVX2 kernels: one weight row against MR activation rows, vpmaddubsw + vpmaddwd dot products.
-// Each kernel is `Kernel<G>::block<MR>(job, n, m0)`, the form rows_simd<Kernel> (qgemm.cpp) drives.
+// Each kernel is `Kernel<G>::block<MR>(job, n, m0)`, the form rows_tiled<Kernel> (job.h) drives.
 #pragma once
 
 #include <immintrin.h>

@@ -1,5 +1,5 @@
 // AVX-512 VNNI kernels: one weight row against MR activation rows, vpdpbusd integer dot products.
-// Each kernel is `Kernel<G>::block<MR>(job, n, m0)`, the form rows_simd<Kernel> (qgemm.cpp) drives.
+// Each kernel is `Kernel<G>::block<MR>(job, n, m0)`, the form rows_tiled<Kernel> (job.h) drives.
 #pragma once
 
 #include <immintrin.h>

@@ -128,7 +128,7 @@ TV_NEON_TARGET inline int32x4_t q4_chunk(const int8x16_t* lo, const int8x16_t* h
     return vaddq_s32(vaddq_s32(s[0], s[1]), vaddq_s32(s[2], s[3]));
 }
 
-// One weight row against R activation rows (the form rows_dot drives, as rows_simd does on x86).
+// One weight row against R activation rows (the form rows_tiled, job.h, drives on every ISA).
 template <int G>
 struct Q4 {
     static constexpr int PER = 128 / G;  // groups per chunk
@@ -214,24 +214,10 @@ struct Q8 {
     }
 };
 
-// Output rows [n0, n1) one weight row at a time; the activation block is the outer loop so its
-// quantized rows stay in L1 while the weight rows stream past.
-template <class Kernel>
-TV_NEON_TARGET void rows_by_weight_row(const Job& j, int n0, int n1) {
-    for (int mb = 0; mb < j.M; mb += MB) {
-        const int mend = std::min(j.M, mb + MB);
-        for (int n = n0; n < n1; n++) {
-            int m = mb;
-            for (; m + MR <= mend; m += MR) Kernel::template block<MR>(j, n, m);
-            for (; m < mend; m++) Kernel::template block<1>(j, n, m);
-        }
-    }
-}
-
 template <int G>
 TV_NEON_TARGET void rows_dot_grouped(const Job& j, int n0, int n1) {
-    if (j.bits == 4) rows_by_weight_row<Q4<G>>(j, n0, n1);
-    else rows_by_weight_row<Q8<G>>(j, n0, n1);
+    if (j.bits == 4) rows_tiled<Q4<G>>(j, n0, n1);
+    else rows_tiled<Q8<G>>(j, n0, n1);
 }
 
 TV_NEON_TARGET void rows_dot(const Job& j, int n0, int n1) {

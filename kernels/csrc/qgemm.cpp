@@ -89,30 +89,12 @@ void rows_scalar(const Job& j, int n0, int n1) {
     }
 }
 
-// Output rows [n0, n1) with one SIMD kernel (Kernel::block<R> = one weight row × R activation
-// rows). The activation block is the outer loop so its quantized rows stay in L1 while the
-// weight rows stream past (from L2/L3 once M > MR).
-template <class Kernel>
-void rows_simd(const Job& j, int n0, int n1) {
-    // A tile of weight rows stays in L2 while every activation row passes over it, so each weight
-    // byte comes from memory once per call (streaming all of them per MR rows read them M / MR times).
-    const int tile = std::max(16, (NB_BYTES / std::max(1, j.K * j.bits / 8)) / 16 * 16);
-    for (int nb = n0; nb < n1; nb += tile) {
-        const int nend = std::min(n1, nb + tile);
-        int m = 0;
-        for (; m + MR <= j.M; m += MR)
-            for (int n = nb; n < nend; n++) Kernel::template block<MR>(j, n, m);
-        for (; m < j.M; m++)
-            for (int n = nb; n < nend; n++) Kernel::template block<1>(j, n, m);
-    }
-}
-
 #if defined(__x86_64__) || defined(__i386__)
 template <int G>
 void rows_simd_grouped(const Job& j, int n0, int n1) {
     const bool q4 = j.bits == 4;
-    if (j.isa == ISA_AVX512VNNI) return q4 ? rows_simd<Q4Avx512<G>>(j, n0, n1) : rows_simd<Q8Avx512<G>>(j, n0, n1);
-    return q4 ? rows_simd<Q4Avx2<G>>(j, n0, n1) : rows_simd<Q8Avx2<G>>(j, n0, n1);
+    if (j.isa == ISA_AVX512VNNI) return q4 ? rows_tiled<Q4Avx512<G>>(j, n0, n1) : rows_tiled<Q8Avx512<G>>(j, n0, n1);
+    return q4 ? rows_tiled<Q4Avx2<G>>(j, n0, n1) : rows_tiled<Q8Avx2<G>>(j, n0, n1);
 }
 #endif
 
