@@ -18,6 +18,7 @@ enum Flags { FLAG_GELU = 1 };
 
 constexpr int MR = 4;   // activation rows per pass over a weight row (registers)
 constexpr int MB = 4;   // activation rows kept hot in L1 while weight rows stream past
+constexpr int DECODE_ROWS = 16;  // up to this many rows, every weight row is read once for all
 
 // Rows [n0, n1) of the output, for all M activation rows, are one unit of work.
 struct Job {

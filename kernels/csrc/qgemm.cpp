@@ -80,18 +80,34 @@ void rows_scalar(const Job& j, int n0, int n1) {
     }
 }
 
+// Activation rows [m0, m1) against weight row n: MR rows per pass, the rest in one narrower
+// pass (each row's sums are the same whichever pass computes it: the passes differ only in how
+// many rows share a weight load).
+template <class Kernel>
+inline void row_against(const Job& j, int n, int m0, int m1) {
+    int m = m0;
+    for (; m + MR <= m1; m += MR) Kernel::template block<MR>(j, n, m);
+    switch (m1 - m) {
+        case 3: Kernel::template block<3>(j, n, m); break;
+        case 2: Kernel::template block<2>(j, n, m); break;
+        case 1: Kernel::template block<1>(j, n, m); break;
+        default: break;
+    }
+}
+
 // Output rows [n0, n1) with one SIMD kernel (Kernel::block<R> = one weight row × R activation
-// rows). The activation block is the outer loop so its quantized rows stay in L1 while the
-// weight rows stream past (from L2/L3 once M > MR).
+// rows). Up to DECODE_ROWS rows (a decode step of a batch of sequences) each weight row is read
+// from memory once for all of them; beyond that (prefill) the activation block is the outer loop
+// so its quantized rows stay in L1 while the weight rows stream past (from L2/L3).
 template <class Kernel>
 void rows_simd(const Job& j, int n0, int n1) {
+    if (j.M <= DECODE_ROWS) {
+        for (int n = n0; n < n1; n++) row_against<Kernel>(j, n, 0, j.M);
+        return;
+    }
     for (int mb = 0; mb < j.M; mb += MB) {
         const int mend = std::min(j.M, mb + MB);
-        for (int n = n0; n < n1; n++) {
-            int m = mb;
-            for (; m + MR <= mend; m += MR) Kernel::template block<MR>(j, n, m);
-            for (; m < mend; m++) Kernel::template block<1>(j, n, m);
-        }
+        for (int n = n0; n < n1; n++) row_against<Kernel>(j, n, mb, mend);
     }
 }
 
@@ -145,7 +161,7 @@ void run_rows(const Job& j, int n0, int n1) {
 // ---------------------------------------------------------------------------------------------
 // C ABI (documented in tinyv_kernels.h)
 
-TV_EXPORT int tv_abi_version(void) { return 3; }
+TV_EXPORT int tv_abi_version(void) { return 4; }
 
 TV_EXPORT int tv_cpu_features(void) {
     const int best = tinyv::cpu_best_isa();
