@@ -128,6 +128,11 @@ class Engine:
         ``tinyv bench``."""
         return self._worker.call(fn, timeout)
 
+    def submit(self, fn):
+        """Queue ``fn()`` on the worker without waiting: a ``concurrent.futures.Future`` (the batch
+        scheduler, ``engine/batching.py``, runs its loop this way)."""
+        return self._worker.submit(fn)
+
     @property
     def weight_bytes(self) -> int:
         """LLM weight bytes read per decoded token."""
