@@ -53,6 +53,7 @@ class _Channel:
         self.items: queue.SimpleQueue = queue.SimpleQueue()
         self.closed = threading.Event()
         self.wake = None  # set by an async consumer: called after each item (on the worker)
+        self.ended = False  # set before the end is handed over: a consumer that saw it sees this
 
     def put(self, item) -> None:
         self.items.put(item)
@@ -60,7 +61,11 @@ class _Channel:
         if wake is not None:
             wake()
 
-    def end(self) -> None:
+    def end(self, last: GenerationStep | None = None) -> None:
+        """Hand over the last step (if any) and the end."""
+        self.ended = True
+        if last is not None:
+            self.items.put(last)
         self.put(_END)
 
     def fail(self, error: BaseException) -> None:
@@ -211,7 +216,8 @@ class Batcher:
     def stats(self) -> dict:
         """Answers being decoded and waiting for a place in the batch."""
         with self._lock:
-            return {"active": len(self._active), "waiting": len(self._waiting), "max_batch": self.max_batch}
+            active = sum(not c.ended for c in self._active)
+            return {"active": active, "waiting": len(self._waiting), "max_batch": self.max_batch}
 
     def close(self) -> None:
         """No new answers; those waiting or running are stopped (their streams end)."""
@@ -283,8 +289,7 @@ class Batcher:
             delta, finish = a.text.push(token, a.channel.closed.is_set)
             if finish is not None:
                 figures = finish_figures(a.start.figures, len(a.text.tokens), a.start.t_first)
-                a.channel.put(GenerationStep(delta, token, finish, figures))
-                a.channel.end()
+                a.channel.end(GenerationStep(delta, token, finish, figures))
                 continue
             a.channel.put(GenerationStep(delta, token))
             a.token = token
