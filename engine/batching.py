@@ -154,6 +154,7 @@ class _Request:
     after: str
     options: GenerationOptions
     stop_strings: tuple[str, ...]
+    stop_at_eos: bool
     channel: _Channel = field(default_factory=_Channel)
 
 
@@ -189,15 +190,18 @@ class Batcher:
         self.stepped_tokens = 0  # tokens those steps computed (steps × batch sizes)
 
     def submit(self, image, question: str | None = None, *, task: str = "caption", prompt: str | None = None,
-               stop_strings=(), **options) -> BatchStream:
+               stop_strings=(), ignore_eos: bool = False, **options) -> BatchStream:
         """Queue an answer (arguments as ``Engine.stream``; ``stop_strings`` end it besides the
-        model's own) and return its stream at once. Errors in the arguments are raised here; errors
-        met on the worker (e.g. a prompt over the context) are raised by the stream."""
+        model's own; ``ignore_eos``: neither eos nor the model's stop strings end it, only the
+        token limit and ``stop_strings`` — for measuring speed) and return its stream at once.
+        Errors in the arguments are raised here; errors met on the worker (e.g. a prompt over the
+        context) are raised by the stream."""
         opts = GenerationOptions(**options)
         e = self.engine
         before, after = e.prompt_format.split(question, task, prompt)
-        stops = tuple(e.prompt_format.stop_strings) + tuple(s for s in stop_strings if s)
-        request = _Request(image, before, after, opts, stops)
+        own = () if ignore_eos else tuple(e.prompt_format.stop_strings)
+        stops = own + tuple(s for s in stop_strings if s)
+        request = _Request(image, before, after, opts, stops, not ignore_eos)
         with self._lock:
             if self._closed:
                 raise TinyVError("this server is shutting down; try again later")
@@ -274,7 +278,7 @@ class Batcher:
         except Exception as error:  # noqa: BLE001 - handed to that request's consumer
             request.channel.fail(error)
             return None
-        text = AnswerText(e.tokenizer, request.stop_strings, start.max_new_tokens)
+        text = AnswerText(e.tokenizer, request.stop_strings, start.max_new_tokens, request.stop_at_eos)
         return _Answer(request, start, request.options.sampler(), text, start.logits)
 
     def _sample(self, answers: list[_Answer]) -> list[_Answer]:

@@ -181,9 +181,10 @@ class AnswerText:
     that could be the start of one is held back until it is known not to be), eos ends it, and so
     does the token limit. Constant work per token."""
 
-    def __init__(self, tokenizer: Tokenizer, stop_strings, max_new_tokens: int):
+    def __init__(self, tokenizer: Tokenizer, stop_strings, max_new_tokens: int, stop_at_eos: bool = True):
         self.decoder = StreamDecoder(tokenizer)
-        self.eos_id, self.stop_strings, self.max_new_tokens = tokenizer.eos_id, tuple(stop_strings), max_new_tokens
+        self.eos_id = tokenizer.eos_id if stop_at_eos else None
+        self.stop_strings, self.max_new_tokens = tuple(stop_strings), max_new_tokens
         self.tokens: list[int] = []
         self._pending = ""  # decoded, not yet streamed: it could be the start of a stop string
 
@@ -195,7 +196,9 @@ class AnswerText:
             delta, self._pending = self._pending, ""  # flush what was held back
             return delta, "eos"
         # only the held-back tail and the new piece can hold a stop string
-        text, stopped = cut_at_stop(self._pending + self.decoder.push(token), self.stop_strings)
+        text, stopped = self._pending + self.decoder.push(token), False
+        if self.stop_strings:
+            text, stopped = cut_at_stop(text, self.stop_strings)
         finish = None
         if stopped:
             finish = "stop"
@@ -203,7 +206,7 @@ class AnswerText:
             finish = "length"
         elif should_stop is not None and should_stop():
             finish = "cancelled"
-        delta = text if finish else text[: len(text) - held_back(text, self.stop_strings)]
+        delta = text if finish or not self.stop_strings else text[: len(text) - held_back(text, self.stop_strings)]
         self._pending = text[len(delta):]
         return delta, finish
 

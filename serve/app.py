@@ -173,6 +173,9 @@ async def _events(completion: Completion, stream, first, watcher):
                 break
             if piece:
                 yield _sse(completion.chunk({"content": piece}))
+                # let the event loop run between chunks, so a disconnect is seen at the next token
+                # even when many are ready (writes never wait while the socket has room)
+                await asyncio.sleep(0)
             step = await _next_step(stream)
     except ApiError as e:  # the headers are sent: the error goes in the stream
         yield _sse(e.body())

@@ -155,7 +155,7 @@ def _options(body: dict) -> dict:
     if seed is not None and not _is_int(seed):
         raise ApiError(400, "seed must be a whole number", "seed")
     options = {"greedy": temperature == 0, "temperature": temperature or 1.0, "top_p": top_p,
-               "repetition_penalty": penalty, "seed": seed}
+               "repetition_penalty": penalty, "seed": seed, "ignore_eos": _flag(body, "ignore_eos")}
     # no limit asked: up to the context (the answer usually stops long before)
     options["max_new_tokens"] = max_tokens if max_tokens is not None else 1 << 30
     return options

@@ -1,0 +1,242 @@
+"""``tinyv serve`` under load: batched decode speed, the server's added latency, greedy identity.
+
+    python benchmarks/serve_bench.py                                  # the built-in model
+    python benchmarks/serve_bench.py --bundle tinygptv-q4 --threads 2 # a full-size bundle
+
+Measures (the engine here, ``tinyv caption`` in-process and then ``tinyv serve`` in a process of
+its own — so its clients here never share its interpreter — all on one embedding cache, so the
+image is encoded once; the weights are memory-mapped, so the loads share their pages):
+
+1. the batched decode step alone (``PhiForCausalLM.decode_batch`` on the engine's worker): step
+   time and aggregate tok/s for 1, 2, 4 and 8 sequences over real prompt caches;
+2. through the server with the official ``openai`` client, the image's prefix cached: one
+   stream's decode tok/s, then ``--streams`` concurrent streams' aggregate decode tok/s (tokens
+   emitted while all of them were decoding, over that window); these answers run to ``--tokens``
+   (``ignore_eos``: the built-in model would stop after a dozen);
+3. TTFT of ``Engine.stream`` and of the same request through the server (HTTP, JSON, base64, image
+   check and scheduling included), prefix cached, and the difference: the server's added latency;
+4. the server's greedy answer against ``tinyv caption --json``'s.
+
+Medians of ``--runs``. Prints a table and one JSON object (``--json``: the object only). The
+machine's load average is printed with the figures: on a shared machine they move with it.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+QUESTIONS = ["What is in this picture?", "Describe the colours.", "What is on the left?", "Is there a person?",
+             "What shape is it?", "How many objects are there?", "Where was this taken?", "What is it made of?"]
+
+
+def load_avg() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def demo_image():
+    from tinyv.demo.scenes import make_scene
+    import random
+
+    return make_scene(random.Random(3)).render()
+
+
+def png_bytes(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def step_scaling(engine, image, runs: int, sizes=(1, 2, 4, 8)) -> list[dict]:
+    """decode_batch step time for M sequences whose caches hold the prompt of ``image``."""
+    import torch
+
+    from tinyv.engine.generate import start_answer
+
+    phi, tok = engine.phi, engine.tokenizer
+
+    def measure():
+        before, after = engine.prompt_format.split()
+        ids = tok.encode(after)
+        out = []
+        for M in sizes:
+            starts = []
+            for _ in range(M):
+                prefix, _ = engine._prefix(image, before, len(ids) + runs + 4)
+                starts.append(start_answer(phi, tok, prefix, ids, runs + 2, room=runs + 2))
+            token = int(torch.argmax(starts[0].logits))
+            times = []
+            with torch.inference_mode():
+                for r in range(runs + 1):
+                    embeds = phi.embed(torch.full((M, 1), token, dtype=torch.long))
+                    positions = [s.length + r for s in starts]
+                    t0 = time.perf_counter()
+                    phi.decode_batch(embeds, positions, [s.cache for s in starts])
+                    times.append(time.perf_counter() - t0)
+            step = statistics.median(times[1:])  # the first step warms the scratch for M
+            out.append({"sequences": M, "step_ms": step * 1000, "aggregate_tok_s": M / step})
+        base = out[0]["aggregate_tok_s"]
+        for row in out:
+            row["vs_one"] = row["aggregate_tok_s"] / base
+        return out
+
+    return engine.run(measure)
+
+
+def stream_times(client, image_url: str, question: str, tokens: int, temperature: float,
+                 start: threading.Barrier | None = None):
+    """(request sent, [arrival time of each content chunk], text, finish, usage) of one streamed answer."""
+    if start is not None:
+        start.wait()
+    t0 = time.perf_counter()
+    stream = client.chat.completions.create(
+        model="m", stream=True, max_tokens=tokens, temperature=temperature, seed=0, extra_body={"ignore_eos": True},
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                               {"type": "text", "text": question}]}])
+    arrivals, text, finish, usage = [], [], None, None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            arrivals.append(time.perf_counter())
+            text.append(chunk.choices[0].delta.content)
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish, usage = chunk.choices[0].finish_reason, chunk.usage
+    return t0, arrivals, "".join(text), finish, usage
+
+
+def concurrent(client, image_url: str, n: int, tokens: int, temperature: float) -> dict:
+    """``n`` streams started together: tokens emitted while all were decoding, per second."""
+    barrier, results = threading.Barrier(n), [None] * n
+
+    def run(i):
+        results[i] = stream_times(client, image_url, QUESTIONS[i % len(QUESTIONS)], tokens, temperature, barrier)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lo = max(r[1][0] for r in results)  # all have their first token
+    hi = min(r[1][-1] for r in results)  # none has finished
+    inside = sum(sum(lo < t <= hi for t in r[1]) for r in results)
+    return {"streams": n, "window_s": hi - lo, "tokens_in_window": inside,
+            "aggregate_tok_s": inside / (hi - lo) if hi > lo else None,
+            "completion_tokens": [r[4].completion_tokens if r[4] else None for r in results]}
+
+
+def start_server(args) -> tuple[subprocess.Popen, str]:
+    """``tinyv serve`` in its own process (its clients here do not share its interpreter)."""
+    cmd = [sys.executable, "-m", "tinyv.cli.main", "serve", "--port", "0", "--threads", str(args.threads),
+           "--max-batch", str(max(8, args.streams))] + (["--bundle", args.bundle] if args.bundle else [])
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    line = ""
+    while "http://" not in line:
+        line = proc.stderr.readline()
+        if not line:
+            raise SystemExit(f"tinyv serve ended before it printed its URL (exit {proc.wait()})")
+    return proc, line.split(" at ", 1)[1].split()[0]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", default=None, help="bundle folder (default: the built-in model)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=48, help="max_tokens per answer")
+    ap.add_argument("--streams", type=int, default=4)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--image", default=None, help="an image file (default: a generated scene)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="for the speed runs (greedy by default)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    # one embedding cache for this process, the CLI and the server: the image is encoded once
+    os.environ["TINYV_CACHE"] = tempfile.mkdtemp(prefix="tinyv-serve-bench-")
+
+    import openai
+    import tinyv
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from tinyv.cli.main import cli
+
+    image = Image.open(args.image).convert("RGB") if args.image else demo_image()
+    raw = png_bytes(image)
+    image_url = "data:image/png;base64," + base64.b64encode(raw).decode()
+    t = time.perf_counter()
+    engine = tinyv.load(args.bundle, threads=args.threads)
+    out = {"bundle": args.bundle or "built-in demo", "threads": args.threads, "temperature": args.temperature,
+           "load_s": time.perf_counter() - t, "kernels": engine.kernel_path, "load_avg_start": load_avg()}
+    t = time.perf_counter()
+    engine.encode_image(raw)  # vision once; everything after meets cached embeddings
+    out["image_encode_s"] = time.perf_counter() - t
+    out["step"] = step_scaling(engine, raw, args.runs)
+
+    def engine_ttft(question):  # Engine.stream, the image's prefix cached (the first call caches it)
+        t0 = time.perf_counter()
+        it = engine.stream(raw, question, max_new_tokens=args.tokens)
+        next(it)
+        ttft = time.perf_counter() - t0
+        for _ in it:
+            pass
+        return ttft
+
+    engine_ttft(QUESTIONS[0])
+    out["engine_ttft_ms"] = statistics.median(engine_ttft(QUESTIONS[0]) for _ in range(args.runs)) * 1000
+    engine.close()
+    del engine
+    with tempfile.NamedTemporaryFile(suffix=".png") as f:
+        f.write(raw)
+        f.flush()
+        r = CliRunner().invoke(cli, ["caption", f.name, "--json", "--max-new-tokens", str(args.tokens), "--threads",
+                                     str(args.threads)] + (["--bundle", args.bundle] if args.bundle else []))
+        assert r.exit_code == 0, r.output
+        cli_text = json.loads(r.stdout.strip().splitlines()[-1])["text"]
+
+    proc, url = start_server(args)
+    try:
+        client = openai.OpenAI(base_url=url, api_key="-", max_retries=0, timeout=3600)
+        stream_times(client, image_url, QUESTIONS[0], 2, 0.0)  # the server's prefix cache warms
+        singles = [stream_times(client, image_url, QUESTIONS[0], args.tokens, args.temperature)
+                   for _ in range(args.runs)]
+        out["server_ttft_ms"] = statistics.median((s[1][0] - s[0]) for s in singles) * 1000
+        out["server_added_ms"] = out["server_ttft_ms"] - out["engine_ttft_ms"]
+        out["server_added_pct_of_ttft"] = 100 * out["server_added_ms"] / out["engine_ttft_ms"]
+        out["one_stream_decode_tok_s"] = statistics.median((len(s[1]) - 1) / (s[1][-1] - s[1][0]) for s in singles)
+        out["one_stream_tokens"] = [s[4].completion_tokens for s in singles]
+        runs = [concurrent(client, image_url, args.streams, args.tokens, args.temperature) for _ in range(args.runs)]
+        out["concurrent"] = runs
+        agg = statistics.median(r["aggregate_tok_s"] for r in runs)
+        out[f"{args.streams}_streams_aggregate_tok_s"] = agg
+        out["aggregate_vs_one"] = agg / out["one_stream_decode_tok_s"]
+        # greedy identity: the default caption request through the server, against the CLI's
+        r = client.chat.completions.create(model="m", max_tokens=args.tokens, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}}]}])
+        out["greedy_identical_to_cli"] = r.choices[0].message.content == cli_text
+        out["cli_text"] = cli_text[:80]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=120)
+    out["load_avg_end"] = load_avg()
+    if not args.json:
+        print(f"{out['bundle']}, {args.threads} threads, {out['kernels']}; load average {out['load_avg_start']} -> "
+              f"{out['load_avg_end']}")
+        for row in out["step"]:
+            print(f"  decode_batch x{row['sequences']}: {row['step_ms']:.1f} ms/step, "
+                  f"{row['aggregate_tok_s']:.1f} tok/s ({row['vs_one']:.2f}x one)")
+        print(f"  server, one stream: {out['one_stream_decode_tok_s']:.1f} tok/s; {args.streams} streams: "
+              f"{agg:.1f} tok/s aggregate ({out['aggregate_vs_one']:.2f}x)")
+        print(f"  TTFT (prefix cached): Engine.stream {out['engine_ttft_ms']:.1f} ms, server {out['server_ttft_ms']:.1f}"
+              f" ms: added {out['server_added_ms']:.1f} ms = {out['server_added_pct_of_ttft']:.1f} % of TTFT")
+        print(f"  greedy answer identical to tinyv caption's: {out['greedy_identical_to_cli']}")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
