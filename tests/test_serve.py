@@ -335,3 +335,28 @@ def test_the_command_starts_prints_its_url_and_stops_on_ctrl_c(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0 and "stopped" in rest and "Traceback" not in rest
+
+
+def test_jpeg_and_webp_images(client, demo):
+    img = Image.open(EXAMPLE).convert("RGB")
+    for fmt in ("JPEG", "WEBP"):
+        buf = io.BytesIO()
+        img.save(buf, fmt)
+        url = f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+        r = client.chat.completions.create(model="m", messages=[image_message(url)])
+        assert r.choices[0].message.content == alone(demo, buf.getvalue())
+
+
+@pytest.mark.parametrize("stage, want", [
+    (4, "<s>[INST] <Img><ImageHere></Img> [caption] please describe this image? [/INST]a red circle"
+        "<s>[INST] how many? [/INST]two<s>[INST] and now? [/INST]"),
+    (3, "###Human: <Img><ImageHere></Img> Describe this image.###Assistant: a red circle"
+        "###Human: how many?###Assistant: two###Human: and now?###Assistant: "),
+])
+def test_a_conversation_is_laid_out_as_the_demo_lays_out_a_chat(stage, want):
+    """minigpt4's Conversation, single style: stage 4 roles "<s>[INST] " / " [/INST]" with no
+    separator (TinyGPT-V's demo_v2.py), stages 1-3 "Human: " / "Assistant: " with "###"."""
+    from tinyv.engine.prompts import PromptFormat
+
+    turns = [(None, "a red circle"), ("how many?", "two"), ("and now?", None)]
+    assert PromptFormat.for_stage(stage).conversation(turns) == want
