@@ -57,7 +57,8 @@ def png_bytes(img) -> bytes:
 
 
 def step_scaling(engine, image, runs: int, sizes=(1, 2, 4, 8)) -> list[dict]:
-    """decode_batch step time for M sequences whose caches hold the prompt of ``image``."""
+    """decode_batch step time for M sequences whose caches hold the prompt of ``image``; the sizes
+    take turns step by step, so a busy machine weighs on all of them alike."""
     import torch
 
     from tinyv.engine.generate import start_answer
@@ -67,26 +68,28 @@ def step_scaling(engine, image, runs: int, sizes=(1, 2, 4, 8)) -> list[dict]:
     def measure():
         before, after = engine.prompt_format.split()
         ids = tok.encode(after)
-        out = []
+        batches = {}
         for M in sizes:
             starts = []
             for _ in range(M):
                 prefix, _ = engine._prefix(image, before, len(ids) + runs + 4)
                 starts.append(start_answer(phi, tok, prefix, ids, runs + 2, room=runs + 2))
-            token = int(torch.argmax(starts[0].logits))
-            times = []
-            with torch.inference_mode():
-                for r in range(runs + 1):
+            batches[M] = starts
+        token = int(torch.argmax(batches[sizes[0]][0].logits))
+        times = {M: [] for M in sizes}
+        with torch.inference_mode():
+            for r in range(runs + 1):  # the first round warms each size's scratch
+                for M, starts in batches.items():
                     embeds = phi.embed(torch.full((M, 1), token, dtype=torch.long))
-                    positions = [s.length + r for s in starts]
                     t0 = time.perf_counter()
-                    phi.decode_batch(embeds, positions, [s.cache for s in starts])
-                    times.append(time.perf_counter() - t0)
-            step = statistics.median(times[1:])  # the first step warms the scratch for M
+                    phi.decode_batch(embeds, [s.length + r for s in starts], [s.cache for s in starts])
+                    times[M].append(time.perf_counter() - t0)
+        out = []
+        for M in sizes:
+            step = statistics.median(times[M][1:])
             out.append({"sequences": M, "step_ms": step * 1000, "aggregate_tok_s": M / step})
-        base = out[0]["aggregate_tok_s"]
         for row in out:
-            row["vs_one"] = row["aggregate_tok_s"] / base
+            row["vs_one"] = row["aggregate_tok_s"] / out[0]["aggregate_tok_s"]
         return out
 
     return engine.run(measure)
@@ -94,7 +97,9 @@ def step_scaling(engine, image, runs: int, sizes=(1, 2, 4, 8)) -> list[dict]:
 
 def stream_times(client, image_url: str, question: str, tokens: int, temperature: float,
                  start: threading.Barrier | None = None):
-    """(request sent, [arrival time of each content chunk], text, finish, usage) of one streamed answer."""
+    """(request sent, first chunk's arrival, [arrival time of each content chunk], text, finish, usage) of one
+    streamed answer. The first chunk (the role) is sent once the first token exists: its arrival is the TTFT
+    (a first token that is only whitespace brings no content chunk)."""
     if start is not None:
         start.wait()
     t0 = time.perf_counter()
@@ -102,14 +107,15 @@ def stream_times(client, image_url: str, question: str, tokens: int, temperature
         model="m", stream=True, max_tokens=tokens, temperature=temperature, seed=0, extra_body={"ignore_eos": True},
         messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
                                                {"type": "text", "text": question}]}])
-    arrivals, text, finish, usage = [], [], None, None
+    arrivals, text, finish, usage, first = [], [], None, None, None
     for chunk in stream:
+        first = first or time.perf_counter()
         if chunk.choices and chunk.choices[0].delta.content:
             arrivals.append(time.perf_counter())
             text.append(chunk.choices[0].delta.content)
         if chunk.choices and chunk.choices[0].finish_reason:
             finish, usage = chunk.choices[0].finish_reason, chunk.usage
-    return t0, arrivals, "".join(text), finish, usage
+    return t0, first, arrivals, "".join(text), finish, usage
 
 
 def concurrent(client, image_url: str, n: int, tokens: int, temperature: float) -> dict:
@@ -124,12 +130,12 @@ def concurrent(client, image_url: str, n: int, tokens: int, temperature: float) 
         t.start()
     for t in threads:
         t.join()
-    lo = max(r[1][0] for r in results)  # all have their first token
-    hi = min(r[1][-1] for r in results)  # none has finished
-    inside = sum(sum(lo < t <= hi for t in r[1]) for r in results)
+    lo = max(r[2][0] for r in results)  # all have their first token
+    hi = min(r[2][-1] for r in results)  # none has finished
+    inside = sum(sum(lo < t <= hi for t in r[2]) for r in results)
     return {"streams": n, "window_s": hi - lo, "tokens_in_window": inside,
             "aggregate_tok_s": inside / (hi - lo) if hi > lo else None,
-            "completion_tokens": [r[4].completion_tokens if r[4] else None for r in results]}
+            "completion_tokens": [r[5].completion_tokens if r[5] else None for r in results]}
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
@@ -152,6 +158,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=48, help="max_tokens per answer")
     ap.add_argument("--streams", type=int, default=4)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--step-runs", type=int, default=10, help="rounds of batched steps (part 1)")
     ap.add_argument("--image", default=None, help="an image file (default: a generated scene)")
     ap.add_argument("--temperature", type=float, default=0.0, help="for the speed runs (greedy by default)")
     ap.add_argument("--json", action="store_true")
@@ -176,7 +183,7 @@ def main():
     t = time.perf_counter()
     engine.encode_image(raw)  # vision once; everything after meets cached embeddings
     out["image_encode_s"] = time.perf_counter() - t
-    out["step"] = step_scaling(engine, raw, args.runs)
+    out["step"] = step_scaling(engine, raw, args.step_runs)
 
     def engine_ttft(question):  # Engine.stream, the image's prefix cached (the first call caches it)
         t0 = time.perf_counter()
@@ -203,16 +210,20 @@ def main():
     try:
         client = openai.OpenAI(base_url=url, api_key="-", max_retries=0, timeout=3600)
         stream_times(client, image_url, QUESTIONS[0], 2, 0.0)  # the server's prefix cache warms
-        singles = [stream_times(client, image_url, QUESTIONS[0], args.tokens, args.temperature)
-                   for _ in range(args.runs)]
-        out["server_ttft_ms"] = statistics.median((s[1][0] - s[0]) for s in singles) * 1000
+        singles, runs = [], []
+        for _ in range(args.runs):  # one stream, then several, in turns: load moves both alike
+            singles.append(stream_times(client, image_url, QUESTIONS[0], args.tokens, args.temperature))
+            runs.append(concurrent(client, image_url, args.streams, args.tokens, args.temperature))
+        out["server_ttft_ms"] = statistics.median((s[1] - s[0]) for s in singles) * 1000
         out["server_added_ms"] = out["server_ttft_ms"] - out["engine_ttft_ms"]
         out["server_added_pct_of_ttft"] = 100 * out["server_added_ms"] / out["engine_ttft_ms"]
-        out["one_stream_decode_tok_s"] = statistics.median((len(s[1]) - 1) / (s[1][-1] - s[1][0]) for s in singles)
-        out["one_stream_tokens"] = [s[4].completion_tokens for s in singles]
-        runs = [concurrent(client, image_url, args.streams, args.tokens, args.temperature) for _ in range(args.runs)]
+        out["one_stream_decode_tok_s"] = statistics.median((len(s[2]) - 1) / (s[2][-1] - s[2][0]) for s in singles)
+        out["one_stream_tokens"] = [s[5].completion_tokens for s in singles]
         out["concurrent"] = runs
-        agg = statistics.median(r["aggregate_tok_s"] for r in runs)
+        overlapped = [r["aggregate_tok_s"] for r in runs if r["aggregate_tok_s"]]
+        if not overlapped:
+            raise SystemExit("the concurrent streams never all decoded at once: give more --tokens")
+        agg = statistics.median(overlapped)
         out[f"{args.streams}_streams_aggregate_tok_s"] = agg
         out["aggregate_vs_one"] = agg / out["one_stream_decode_tok_s"]
         # greedy identity: the default caption request through the server, against the CLI's

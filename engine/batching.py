@@ -84,6 +84,7 @@ class BatchStream:
         self._channel = channel
         self._event: asyncio.Event | None = None
         self._done = False
+        self._held = None  # an end or failure met by ready(), handed out by the next read
 
     def _unwrap(self, item, stop):
         if item is _END:
@@ -97,10 +98,31 @@ class BatchStream:
     def __iter__(self) -> "BatchStream":
         return self
 
+    def _get(self, block: bool):
+        if self._held is not None:
+            item, self._held = self._held, None
+            return item
+        return self._channel.items.get() if block else self._channel.items.get_nowait()
+
     def __next__(self) -> GenerationStep:
         if self._done:
             raise StopIteration
-        return self._unwrap(self._channel.items.get(), StopIteration)
+        return self._unwrap(self._get(True), StopIteration)
+
+    def ready(self) -> list[GenerationStep]:
+        """The steps already produced, without waiting (a consumer that fell behind sends them
+        as one piece); an end or error among them is left for the next read."""
+        steps = []
+        while not self._done and self._held is None:
+            try:
+                item = self._get(False)
+            except queue.Empty:
+                break
+            if item is _END or isinstance(item, _Failure):
+                self._held = item
+            else:
+                steps.append(item)
+        return steps
 
     def __aiter__(self) -> "BatchStream":
         return self
@@ -121,7 +143,7 @@ class BatchStream:
             self._channel.wake = wake
         while True:
             try:
-                item = self._channel.items.get_nowait()
+                item = self._get(False)
             except queue.Empty:
                 await self._event.wait()
                 self._event.clear()

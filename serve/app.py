@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -165,6 +166,13 @@ async def _events(completion: Completion, stream, first, watcher):
         yield _sse(completion.chunk({"role": "assistant", "content": ""}))
         trim, step = Trim(), first
         while True:
+            # the steps that came meanwhile go out as one chunk (a client or loop that fell behind
+            # catches up instead of falling further behind)
+            if step.finish_reason is None:
+                for later in stream.ready():
+                    step = dataclasses.replace(later, text=step.text + later.text)
+                    if step.finish_reason is not None:
+                        break
             piece = trim.push(step.text)
             if step.finish_reason is not None:
                 if piece:

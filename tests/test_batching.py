@@ -172,3 +172,12 @@ def test_answers_keep_their_text_rules(e4, scene):
         stop = full.strip()[1]
         cut = "".join(s.text for s in b.submit(scene, max_new_tokens=12, stop_strings=[stop]))
         assert cut == full[:full.index(stop)]
+
+
+def test_ready_hands_out_the_steps_already_made(e4, scene):
+    b = Batcher(e4)
+    want = [s.token for s in b.submit(scene, max_new_tokens=10)]
+    stream, got = b.submit(scene, max_new_tokens=10), []
+    for step in stream:  # whatever came meanwhile, in order; the end is kept for the loop
+        got += [step.token] + [s.token for s in stream.ready()]
+    assert got == want and stream.ready() == []
