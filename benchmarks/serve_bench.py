@@ -13,8 +13,9 @@ image is encoded once; the weights are memory-mapped, so the loads share their p
    stream's decode tok/s, then ``--streams`` concurrent streams' aggregate decode tok/s (tokens
    emitted while all of them were decoding, over that window); these answers run to ``--tokens``
    (``ignore_eos``: the built-in model would stop after a dozen);
-3. TTFT of ``Engine.stream`` and of the same request through the server (HTTP, JSON, base64, image
-   check and scheduling included), prefix cached, and the difference: the server's added latency;
+3. TTFT of ``Engine.stream`` and of the same request through a server on the same engine (HTTP,
+   JSON, base64, image check and scheduling included), in turns, prefix cached; the median of the
+   pairs' differences is the server's added latency;
 4. the server's greedy answer against ``tinyv caption --json``'s.
 
 Medians of ``--runs``. Prints a table and one JSON object (``--json``: the object only). The
@@ -61,7 +62,7 @@ def step_scaling(engine, image, runs: int, sizes=(1, 2, 4, 8)) -> list[dict]:
     take turns step by step, so a busy machine weighs on all of them alike."""
     import torch
 
-    from tinyv.engine.generate import start_answer
+    from tinyv.engine.generate import start_answer, torch_threads
 
     phi, tok = engine.phi, engine.tokenizer
 
@@ -77,7 +78,9 @@ def step_scaling(engine, image, runs: int, sizes=(1, 2, 4, 8)) -> list[dict]:
             batches[M] = starts
         token = int(torch.argmax(batches[sizes[0]][0].logits))
         times = {M: [] for M in sizes}
-        with torch.inference_mode():
+        # torch's own pool as the engine has it while decoding (its spinning threads would take the
+        # kernels' cores)
+        with torch.inference_mode(), torch_threads(engine.decode_threads):
             for r in range(runs + 1):  # the first round warms each size's scratch
                 for M, starts in batches.items():
                     embeds = phi.embed(torch.full((M, 1), token, dtype=torch.long))
@@ -96,10 +99,9 @@ def step_scaling(engine, image, runs: int, sizes=(1, 2, 4, 8)) -> list[dict]:
 
 
 def stream_times(client, image_url: str, question: str, tokens: int, temperature: float,
-                 start: threading.Barrier | None = None):
-    """(request sent, first chunk's arrival, [arrival time of each content chunk], text, finish, usage) of one
-    streamed answer. The first chunk (the role) is sent once the first token exists: its arrival is the TTFT
-    (a first token that is only whitespace brings no content chunk)."""
+                 start: threading.Barrier | None = None) -> dict:
+    """One streamed answer's times: ``sent``, ``first`` (the first chunk, sent once the first token
+    exists: the TTFT), ``last`` (the chunk with the finish reason) and its token count."""
     if start is not None:
         start.wait()
     t0 = time.perf_counter()
@@ -107,19 +109,22 @@ def stream_times(client, image_url: str, question: str, tokens: int, temperature
         model="m", stream=True, max_tokens=tokens, temperature=temperature, seed=0, extra_body={"ignore_eos": True},
         messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
                                                {"type": "text", "text": question}]}])
-    arrivals, text, finish, usage, first = [], [], None, None, None
+    first = last = usage = None
     for chunk in stream:
         first = first or time.perf_counter()
-        if chunk.choices and chunk.choices[0].delta.content:
-            arrivals.append(time.perf_counter())
-            text.append(chunk.choices[0].delta.content)
         if chunk.choices and chunk.choices[0].finish_reason:
-            finish, usage = chunk.choices[0].finish_reason, chunk.usage
-    return t0, first, arrivals, "".join(text), finish, usage
+            last, usage = time.perf_counter(), chunk.usage
+    return {"sent": t0, "first": first, "last": last, "tokens": usage.completion_tokens}
+
+
+def decode_rate(r: dict) -> float:
+    """Tokens after the first, per second (the answer's own steps come at a steady pace)."""
+    return (r["tokens"] - 1) / (r["last"] - r["first"])
 
 
 def concurrent(client, image_url: str, n: int, tokens: int, temperature: float) -> dict:
-    """``n`` streams started together: tokens emitted while all were decoding, per second."""
+    """``n`` streams started together: tokens made while all of them were decoding (each at its
+    own steady pace over that window), per second."""
     barrier, results = threading.Barrier(n), [None] * n
 
     def run(i):
@@ -130,12 +135,15 @@ def concurrent(client, image_url: str, n: int, tokens: int, temperature: float) 
         t.start()
     for t in threads:
         t.join()
-    lo = max(r[2][0] for r in results)  # all have their first token
-    hi = min(r[2][-1] for r in results)  # none has finished
-    inside = sum(sum(lo < t <= hi for t in r[2]) for r in results)
+    lo = max(r["first"] for r in results)  # all have their first token
+    hi = min(r["last"] for r in results)  # none has finished
+    inside = sum(decode_rate(r) * (hi - lo) for r in results) if hi > lo else 0.0
     return {"streams": n, "window_s": hi - lo, "tokens_in_window": inside,
-            "aggregate_tok_s": inside / (hi - lo) if hi > lo else None,
-            "completion_tokens": [r[5].completion_tokens if r[5] else None for r in results]}
+            "aggregate_tok_s": inside / (hi - lo) if hi > lo else None, "tokens": [r["tokens"] for r in results]}
+
+
+def progress(what: str, value) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {what}: {json.dumps(value)}", file=sys.stderr, flush=True)
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
@@ -161,10 +169,12 @@ def main():
     ap.add_argument("--step-runs", type=int, default=10, help="rounds of batched steps (part 1)")
     ap.add_argument("--image", default=None, help="an image file (default: a generated scene)")
     ap.add_argument("--temperature", type=float, default=0.0, help="for the speed runs (greedy by default)")
+    ap.add_argument("--cache", default=None, help="embedding cache folder (default: a new one; give one to "
+                    "keep a full-size image's embeddings between runs)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     # one embedding cache for this process, the CLI and the server: the image is encoded once
-    os.environ["TINYV_CACHE"] = tempfile.mkdtemp(prefix="tinyv-serve-bench-")
+    os.environ["TINYV_CACHE"] = args.cache or tempfile.mkdtemp(prefix="tinyv-serve-bench-")
 
     import openai
     import tinyv
@@ -172,6 +182,8 @@ def main():
     from PIL import Image
 
     from tinyv.cli.main import cli
+    from tinyv.serve.app import ServerSettings
+    from tinyv.serve.server import BackgroundServer
 
     image = Image.open(args.image).convert("RGB") if args.image else demo_image()
     raw = png_bytes(image)
@@ -183,19 +195,34 @@ def main():
     t = time.perf_counter()
     engine.encode_image(raw)  # vision once; everything after meets cached embeddings
     out["image_encode_s"] = time.perf_counter() - t
+    progress("image encoded, s", out["image_encode_s"])
     out["step"] = step_scaling(engine, raw, args.step_runs)
+    progress("batched steps", out["step"])
 
-    def engine_ttft(question):  # Engine.stream, the image's prefix cached (the first call caches it)
+    def engine_ttft():  # Engine.stream, the image's prefix cached (the first call caches it)
         t0 = time.perf_counter()
-        it = engine.stream(raw, question, max_new_tokens=args.tokens)
+        it = engine.stream(raw, QUESTIONS[0], max_new_tokens=2)
         next(it)
         ttft = time.perf_counter() - t0
         for _ in it:
             pass
         return ttft
 
-    engine_ttft(QUESTIONS[0])
-    out["engine_ttft_ms"] = statistics.median(engine_ttft(QUESTIONS[0]) for _ in range(args.runs)) * 1000
+    # TTFT: the same request through Engine.stream and through a server on this very engine, in
+    # turns (the client shares this interpreter, but it only waits during a TTFT)
+    with BackgroundServer(engine, ServerSettings(model="bench")) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0, timeout=3600)
+        engine_ttft()
+        pairs = []
+        for _ in range(args.runs):
+            e_ttft = engine_ttft()
+            s = stream_times(client, image_url, QUESTIONS[0], 2, 0.0)
+            pairs.append((e_ttft, s["first"] - s["sent"]))
+    out["engine_ttft_ms"] = statistics.median(p[0] for p in pairs) * 1000
+    out["server_ttft_ms"] = statistics.median(p[1] for p in pairs) * 1000
+    out["server_added_ms"] = statistics.median(p[1] - p[0] for p in pairs) * 1000
+    out["server_added_pct_of_ttft"] = 100 * out["server_added_ms"] / out["engine_ttft_ms"]
+    progress("TTFT pairs (Engine.stream, server), ms", [[round(x * 1000, 1) for x in p] for p in pairs])
     engine.close()
     del engine
     with tempfile.NamedTemporaryFile(suffix=".png") as f:
@@ -214,18 +241,17 @@ def main():
         for _ in range(args.runs):  # one stream, then several, in turns: load moves both alike
             singles.append(stream_times(client, image_url, QUESTIONS[0], args.tokens, args.temperature))
             runs.append(concurrent(client, image_url, args.streams, args.tokens, args.temperature))
-        out["server_ttft_ms"] = statistics.median((s[1] - s[0]) for s in singles) * 1000
-        out["server_added_ms"] = out["server_ttft_ms"] - out["engine_ttft_ms"]
-        out["server_added_pct_of_ttft"] = 100 * out["server_added_ms"] / out["engine_ttft_ms"]
-        out["one_stream_decode_tok_s"] = statistics.median((len(s[2]) - 1) / (s[2][-1] - s[2][0]) for s in singles)
-        out["one_stream_tokens"] = [s[5].completion_tokens for s in singles]
+            progress("one stream, tok/s", decode_rate(singles[-1]))
+            progress(f"{args.streams} streams", runs[-1])
+        out["one_stream_decode_tok_s"] = statistics.median(decode_rate(s) for s in singles)
+        out["one_stream_tokens"] = [s["tokens"] for s in singles]
         out["concurrent"] = runs
-        overlapped = [r["aggregate_tok_s"] for r in runs if r["aggregate_tok_s"]]
-        if not overlapped:
+        paired = [(r["aggregate_tok_s"], decode_rate(s)) for r, s in zip(runs, singles) if r["aggregate_tok_s"]]
+        if not paired:
             raise SystemExit("the concurrent streams never all decoded at once: give more --tokens")
-        agg = statistics.median(overlapped)
+        agg = statistics.median(p[0] for p in paired)
         out[f"{args.streams}_streams_aggregate_tok_s"] = agg
-        out["aggregate_vs_one"] = agg / out["one_stream_decode_tok_s"]
+        out["aggregate_vs_one"] = statistics.median(a / one for a, one in paired)  # each run against its own turn
         # greedy identity: the default caption request through the server, against the CLI's
         r = client.chat.completions.create(model="m", max_tokens=args.tokens, messages=[
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}}]}])
@@ -242,7 +268,7 @@ def main():
             print(f"  decode_batch x{row['sequences']}: {row['step_ms']:.1f} ms/step, "
                   f"{row['aggregate_tok_s']:.1f} tok/s ({row['vs_one']:.2f}x one)")
         print(f"  server, one stream: {out['one_stream_decode_tok_s']:.1f} tok/s; {args.streams} streams: "
-              f"{agg:.1f} tok/s aggregate ({out['aggregate_vs_one']:.2f}x)")
+              f"{agg:.1f} tok/s aggregate ({out['aggregate_vs_one']:.2f}x, median of each run against its turn)")
         print(f"  TTFT (prefix cached): Engine.stream {out['engine_ttft_ms']:.1f} ms, server {out['server_ttft_ms']:.1f}"
               f" ms: added {out['server_added_ms']:.1f} ms = {out['server_added_pct_of_ttft']:.1f} % of TTFT")
         print(f"  greedy answer identical to tinyv caption's: {out['greedy_identical_to_cli']}")

@@ -58,11 +58,12 @@ def create_app(engine, settings: ServerSettings = ServerSettings()) -> Starlette
             raise ApiError(415, "send the request as JSON (Content-Type: application/json)")
         try:
             body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
             raise ApiError(400, f"the request body is not valid JSON ({e})") from None
         chat = parse_chat_request(body, engine.prompt_format)
+        # decoding the image and tokenizing the conversation can take a while: off the event loop
+        await asyncio.to_thread(check_context, engine, chat.prompt)
         image = await asyncio.to_thread(load_image, chat.image_url, settings.images)
-        check_context(engine, chat.prompt)
         try:
             stream = batcher.submit(image, prompt=chat.prompt, stop_strings=chat.stop, **chat.options)
         except TinyVError as e:

@@ -224,6 +224,8 @@ def test_errors_have_openai_shape_and_status(server, tmp_path):
     path = tmp_path / "x.png"
     path.write_bytes(base64.b64decode(png.split(",", 1)[1]))
     _error(_post(server, b"{not json"), 400)
+    _error(_post(server, b"[" * 100_000), 400)  # nested past the parser's depth
+    _error(_post(server, b"\xff\xfe{}"), 400)
     _error(_post(server, _chat({"role": "user", "content": "what is it?"})), 400, "no_image")
     _error(_post(server, _chat(image_message("data:image/png;base64," + base64.b64encode(b"hello").decode()))),
            400, "invalid_image")
