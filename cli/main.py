@@ -165,7 +165,7 @@ def use_tinyv_image_limit() -> None:
 
 
 # commands live one group per module; importing them registers them (they import only click)
-from tinyv.cli import bench, bundle_cmds, cache_cmds, eval_cmd, push_cmd, run  # noqa: E402,F401
+from tinyv.cli import bench, bundle_cmds, cache_cmds, eval_cmd, push_cmd, run, serve  # noqa: E402,F401
 
 if __name__ == "__main__":  # python -m tinyv.cli.main: run the registered module, not this copy
     from tinyv.cli.main import main as _main

@@ -174,6 +174,11 @@ class Engine:
         ``tinyv bench``."""
         return self._worker.call(fn, timeout)
 
+    def submit(self, fn):
+        """Queue ``fn()`` on the worker without waiting: a ``concurrent.futures.Future`` (the batch
+        scheduler, ``engine/batching.py``, runs its loop this way)."""
+        return self._worker.submit(fn)
+
     @property
     def weight_bytes(self) -> int:
         """LLM weight bytes read per decoded token."""
@@ -197,6 +202,22 @@ class Engine:
         if use_cache:
             self.cache.put(key, embeds)
         return embeds, False
+
+    def _prefix(self, image, before: str, room: int) -> tuple[Prefix, dict]:
+        """On the worker: a working prefix (text before the image + the image) in a cache of its own
+        with ``room`` positions after it — restored from the prefix cache, or the image encoded (or
+        its embeddings found in the cache) and prefilled — and the image timings."""
+        timings = {"image_ms": 0.0, "image_cached": True}
+        t0 = time.perf_counter()
+        key = image_key(image, self.vision_id)
+        stored = self.prefixes.get((key, before))
+        if stored is not None:
+            return stored.restore(self.phi, room), timings
+        embeds, timings["image_cached"] = self._encode(image, key=key)
+        timings["image_ms"] = (time.perf_counter() - t0) * 1000
+        prefix = prefill_prefix(self.phi, self.tokenizer, before, embeds, room=room)
+        self.prefixes.put((key, before), prefix)
+        return prefix, timings
 
     # -- generation --------------------------------------------------------------------------------
     def session(self, image, prompt: str | None = None) -> "Session":
@@ -258,16 +279,7 @@ class Session:
         timings = {"image_ms": 0.0, "image_cached": True}
         if self._prefix is None:
             room = len(e.tokenizer.encode(after)) + opts.max_new_tokens
-            t0 = time.perf_counter()
-            key = image_key(self.image, e.vision_id)
-            stored = e.prefixes.get((key, before))
-            if stored is not None:
-                self._prefix = stored.restore(e.phi, room)
-            else:
-                embeds, timings["image_cached"] = e._encode(self.image, key=key)
-                timings["image_ms"] = (time.perf_counter() - t0) * 1000
-                self._prefix = prefill_prefix(e.phi, e.tokenizer, before, embeds, room=room)
-                e.prefixes.put((key, before), self._prefix)
+            self._prefix, timings = e._prefix(self.image, before, room)
         return generate(e.phi, e.tokenizer, before, None, after, opts, prefix=self._prefix,
                         stop_strings=e.prompt_format.stop_strings, should_stop=should_stop,
                         decode_threads=e.decode_threads, timings=timings)

@@ -92,7 +92,12 @@ def build_prompt_embeds(phi: PhiForCausalLM, tok: Tokenizer, prompt: str, image_
 
 
 def embed_text(phi: PhiForCausalLM, tok: Tokenizer, text: str) -> torch.Tensor:
-    return phi.embed(torch.tensor([tok.encode(text)], dtype=torch.long))
+    return embed_ids(phi, tok.encode(text))
+
+
+def embed_ids(phi: PhiForCausalLM, ids: list[int]) -> torch.Tensor:
+    """Token embeddings [1, len(ids), hidden]."""
+    return phi.embed(torch.tensor([ids], dtype=torch.long))
 
 
 def prefix_embeds(phi: PhiForCausalLM, tok: Tokenizer, before: str, image_embeds: torch.Tensor) -> torch.Tensor:
@@ -138,6 +143,92 @@ def torch_threads(n: int | None):
         torch.set_num_threads(prev)
 
 
+@dataclass
+class Started:
+    """An answer after its prompt is prefilled: the cache, the logits for its first token."""
+
+    cache: KVCache
+    logits: torch.Tensor  # [vocab]
+    length: int  # prompt positions (image included); the first new token goes here
+    max_new_tokens: int  # what the request asked, cut to the context left
+    figures: dict  # the timings and counts so far (completed as the answer runs)
+    t_first: float  # perf_counter() when the first token's logits were ready
+
+
+def start_answer(phi: PhiForCausalLM, tokenizer: Tokenizer, prefix: Prefix, ids: list[int], max_new_tokens: int,
+                 timings: dict | None = None, room: int | None = None) -> Started:
+    """Prefill the question's tokens ``ids`` after ``prefix`` (in its cache, which the answer then
+    owns). The cache gets room for the answer: all of it, or ``room`` positions (the caller grows
+    it as the answer goes, e.g. a long default answer that usually stops early)."""
+    limit = phi.cfg.max_positions
+    reused, prefix.fresh = not prefix.fresh, False
+    t0 = time.perf_counter()
+    L = prefix.length + len(ids)
+    if L >= limit:
+        raise TinyVError(f"the prompt is {L} tokens (image included) but the model's context is {limit}; "
+                         "shorten the question")
+    max_new = min(max_new_tokens, limit - L)
+    cache = prefix.cache
+    cache.truncate(prefix.length)  # forget an earlier question and answer on this prefix
+    cache.ensure(L + (max_new if room is None else min(max_new, room)))
+    logits = prefill(phi, embed_ids(phi, ids), cache, prefix.length) if ids else prefix.logits
+    t_first = time.perf_counter()
+    prefilled = len(ids) + (0 if reused else prefix.length)
+    prefill_s = (t_first - t0) + (0.0 if reused else prefix.prefill_s)
+    figures = {"image_ms": 0.0, **(timings or {}), "prefix_reused": reused, "prefix_tokens": prefix.length,
+               "prompt_tokens": L, "prefilled_tokens": prefilled, "prefill_tok_s": prefilled / max(prefill_s, 1e-9)}
+    figures["ttft_ms"] = prefill_s * 1000 + figures["image_ms"]
+    return Started(cache, logits, L, max_new, figures, t_first)
+
+
+def finish_figures(figures: dict, new_tokens: int, t_first: float) -> dict:
+    """``figures`` completed at the end of an answer of ``new_tokens`` tokens."""
+    t_end = time.perf_counter()
+    n_decode = new_tokens - 1
+    figures.update({
+        "new_tokens": new_tokens,
+        "decode_tok_s": n_decode / (t_end - t_first) if n_decode > 0 else None,
+        "peak_rss_mb": peak_rss_mb(),
+        "total_ms": figures["ttft_ms"] + (t_end - t_first) * 1000,
+    })
+    return figures
+
+
+class AnswerText:
+    """Sampled tokens -> the text to stream: a stop string ends the answer and is cut off (text
+    that could be the start of one is held back until it is known not to be), eos ends it, and so
+    does the token limit. Constant work per token."""
+
+    def __init__(self, tokenizer: Tokenizer, stop_strings, max_new_tokens: int, stop_at_eos: bool = True):
+        self.decoder = StreamDecoder(tokenizer)
+        self.eos_id = tokenizer.eos_id if stop_at_eos else None
+        self.stop_strings, self.max_new_tokens = tuple(stop_strings), max_new_tokens
+        self.tokens: list[int] = []
+        self._pending = ""  # decoded, not yet streamed: it could be the start of a stop string
+
+    def push(self, token: int, should_stop: Callable[[], bool] | None = None) -> tuple[str, str | None]:
+        """The text to stream after ``token``, and the finish reason if it ends the answer
+        (``should_stop()``, asked last, ends it as "cancelled")."""
+        self.tokens.append(token)
+        if token == self.eos_id:
+            delta, self._pending = self._pending, ""  # flush what was held back
+            return delta, "eos"
+        # only the held-back tail and the new piece can hold a stop string
+        text, stopped = self._pending + self.decoder.push(token), False
+        if self.stop_strings:
+            text, stopped = cut_at_stop(text, self.stop_strings)
+        finish = None
+        if stopped:
+            finish = "stop"
+        elif len(self.tokens) >= self.max_new_tokens:
+            finish = "length"
+        elif should_stop is not None and should_stop():
+            finish = "cancelled"
+        delta = text if finish or not self.stop_strings else text[: len(text) - held_back(text, self.stop_strings)]
+        self._pending = text[len(delta):]
+        return delta, finish
+
+
 def generate(
     phi: PhiForCausalLM,
     tokenizer: Tokenizer,
@@ -160,71 +251,26 @@ def generate(
     their own threads, and torch's tiny M = 1 ops gain nothing from a spinning pool). ``timings``
     from the caller (e.g. ``image_ms``) are completed and put on the last step.
     """
-    limit = phi.cfg.max_positions
     ids = tokenizer.encode(after)
     if prefix is None:
         prefix = prefill_prefix(phi, tokenizer, before, image_embeds, room=len(ids) + options.max_new_tokens)
-    reused, prefix.fresh = not prefix.fresh, False
-    t0 = time.perf_counter()
-    L = prefix.length + len(ids)
-    if L >= limit:
-        raise TinyVError(f"the prompt is {L} tokens (image included) but the model's context is {limit}; "
-                         "shorten the question")
-    max_new = min(options.max_new_tokens, limit - L)
-    cache = prefix.cache
-    cache.truncate(prefix.length)  # forget an earlier question and answer on this prefix
-    cache.ensure(L + max_new)
-    logits = prefill(phi, embed_text(phi, tokenizer, after), cache, prefix.length) if ids else prefix.logits
-    t_first = time.perf_counter()
-    prefilled = len(ids) + (0 if reused else prefix.length)
-    prefill_s = (t_first - t0) + (0.0 if reused else prefix.prefill_s)
-    figures = {"image_ms": 0.0, **(timings or {}), "prefix_reused": reused, "prefix_tokens": prefix.length,
-               "prompt_tokens": L, "prefilled_tokens": prefilled, "prefill_tok_s": prefilled / max(prefill_s, 1e-9)}
-    figures["ttft_ms"] = prefill_s * 1000 + figures["image_ms"]
+    start = start_answer(phi, tokenizer, prefix, ids, options.max_new_tokens, timings)
     with torch_threads(decode_threads):
-        yield from _decode(phi, tokenizer, cache, logits, L, max_new, options.sampler(), stop_strings, should_stop,
-                           figures, t_first)
+        yield from _decode(phi, tokenizer, start, options.sampler(), stop_strings, should_stop)
 
 
-def _decode(phi, tokenizer, cache, logits, start_pos, max_new_tokens, sampler, stop_strings, should_stop,
-            figures, t_first) -> Iterator[GenerationStep]:
-    """Sample from ``logits`` on until a stop string, eos, the limit or ``should_stop``.
-
-    Text that could be the start of a stop string is held back until it is known not to be one.
-    """
-    decoder = StreamDecoder(tokenizer)
-    generated: list[int] = []
-    pending = ""  # decoded, not yet streamed: it could be the start of a stop string
-    finish = None
-    delta, token = "", None
+def _decode(phi, tokenizer, start: Started, sampler, stop_strings, should_stop) -> Iterator[GenerationStep]:
+    """Sample from the first token's logits on until a stop string, eos, the limit or ``should_stop``."""
+    answer = AnswerText(tokenizer, stop_strings, start.max_new_tokens)
+    logits, finish = start.logits, None
     # no inference mode around the loop: a generator suspended at ``yield`` inside one would leave
     # it switched on in the caller (autograd off for the rest of the thread if the stream is dropped)
-    while finish is None:
+    while True:
         with torch.inference_mode():
-            token = sampler(logits, generated)
-        generated.append(token)
-        if token == tokenizer.eos_id:
-            finish, delta, pending = "eos", pending, ""  # flush what was held back
-        else:
-            # only the held-back tail and the new piece can hold a stop string: constant work per token
-            text, stopped = cut_at_stop(pending + decoder.push(token), stop_strings)
-            if stopped:
-                finish = "stop"
-            elif len(generated) >= max_new_tokens:
-                finish = "length"
-            elif should_stop is not None and should_stop():
-                finish = "cancelled"
-            delta = text if finish else text[: len(text) - held_back(text, stop_strings)]
-            pending = text[len(delta):]
-        if finish is None:
-            yield GenerationStep(delta, token)
-            logits = decode_one(phi, token, start_pos + len(generated) - 1, cache)
-    t_end = time.perf_counter()
-    n_decode = len(generated) - 1
-    figures.update({
-        "new_tokens": len(generated),
-        "decode_tok_s": n_decode / (t_end - t_first) if n_decode > 0 else None,
-        "peak_rss_mb": peak_rss_mb(),
-        "total_ms": figures["ttft_ms"] + (t_end - t_first) * 1000,
-    })
-    yield GenerationStep(delta, token, finish, figures)
+            token = sampler(logits, answer.tokens)
+        delta, finish = answer.push(token, should_stop)
+        if finish is not None:
+            break
+        yield GenerationStep(delta, token)
+        logits = decode_one(phi, token, start.length + len(answer.tokens) - 1, start.cache)
+    yield GenerationStep(delta, token, finish, finish_figures(start.figures, len(answer.tokens), start.t_first))

@@ -96,11 +96,30 @@ class Attention(nn.Module):
         self.k_layernorm = nn.LayerNorm(cfg.head_dim, eps=cfg.eps)
 
     def forward(self, x, rotary: Rotary, cos, sin, pos: int, cache: KVCache | None, layer: int):
+        q, k, v = self._heads(x)
+        return self.dense(self._attend(q, k, v, rotary, cos, sin, pos, cache, layer))
+
+    def forward_batch(self, x, rotary: Rotary, rope: list, positions: list[int], caches: list[KVCache], layer: int):
+        """x [M, 1, hidden]: row i is one token of sequence i, at ``positions[i]`` with cos/sin
+        ``rope[i]`` over ``caches[i]``. The projections run once over all rows; attention per
+        sequence, over its own cache."""
+        q, k, v = self._heads(x)
+        outs = [self._attend(q[i:i + 1], k[i:i + 1], v[i:i + 1], rotary, *rope[i], positions[i], caches[i], layer)
+                for i in range(x.shape[0])]
+        return self.dense(torch.cat(outs))
+
+    def _heads(self, x):
+        """q, k, v [B, H, S, D] from x [B, S, hidden] (q and k LayerNormed, not yet rotated)."""
         B, S, _ = x.shape
         qkv = self.query_key_value(x).view(B, S, self.heads, 3, self.head_dim)
         q = self.q_layernorm(qkv[..., 0, :]).transpose(1, 2)  # [B, H, S, D]
         k = self.k_layernorm(qkv[..., 1, :]).transpose(1, 2)
         v = qkv[..., 2, :].transpose(1, 2)
+        return q, k, v
+
+    def _attend(self, q, k, v, rotary: Rotary, cos, sin, pos: int, cache: KVCache | None, layer: int):
+        """Rotary, the cache, causal softmax attention: [B, S, hidden] before ``dense``."""
+        B, _, S, _ = q.shape
         q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, pos, k, v)
@@ -109,12 +128,11 @@ class Attention(nn.Module):
         T = k.shape[2]
         if S > 1:
             # query i sits at absolute position pos + i and sees keys 0..pos + i
-            qi = torch.arange(pos, pos + S, device=x.device).unsqueeze(1)
-            kj = torch.arange(T, device=x.device).unsqueeze(0)
+            qi = torch.arange(pos, pos + S, device=q.device).unsqueeze(1)
+            kj = torch.arange(T, device=q.device).unsqueeze(0)
             scores = scores.masked_fill(kj > qi, torch.finfo(scores.dtype).min)
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.matmul(probs, v).transpose(1, 2).reshape(B, S, -1)
-        return self.dense(out)
+        return torch.matmul(probs, v).transpose(1, 2).reshape(B, S, -1)
 
 
 class MLP(nn.Module):
@@ -140,6 +158,12 @@ class DecoderLayer(nn.Module):
     def forward(self, x, rotary, cos, sin, pos, cache, layer):
         h = self.input_layernorm(x)
         attn = self.post_layernorm(self.self_attn(h, rotary, cos, sin, pos, cache, layer))
+        return attn + self.mlp(h) + x
+
+    def forward_batch(self, x, rotary, rope, positions, caches, layer):
+        """One token each of M sequences, x [M, 1, hidden] (see ``Attention.forward_batch``)."""
+        h = self.input_layernorm(x)
+        attn = self.post_layernorm(self.self_attn.forward_batch(h, rotary, rope, positions, caches, layer))
         return attn + self.mlp(h) + x
 
 
@@ -181,6 +205,31 @@ class PhiForCausalLM(nn.Module):
         self._check_room(pos, 1, cache)
         logits = self.decoder.step(embeds, pos, cache.k, cache.v)
         cache.length = pos + 1
+        return logits
+
+    def decode_batch(self, embeds: torch.Tensor, positions: list[int], caches: list[KVCache]) -> torch.Tensor:
+        """Logits [M, vocab] after one token each of M independent sequences: embeds [M, 1, hidden],
+        sequence i at ``positions[i]`` over ``caches[i]`` (batch 1, filled below it). Every Linear
+        runs once over the M rows, so a step reads the weights once for all of them; attention runs
+        per sequence over its own cache. On the fused step each row's logits are exactly those
+        :meth:`decode` gives for that sequence alone."""
+        M = embeds.shape[0]
+        if len(positions) != M or len(caches) != M:
+            raise ValueError(f"{M} token embeddings for {len(positions)} positions and {len(caches)} caches")
+        for pos, cache in zip(positions, caches):
+            self._check_room(pos, 1, cache)
+        if self.decoder is not None and all(c.k.shape[1] == 1 for c in caches):
+            logits = self.decoder.step_batch(embeds.reshape(M, -1), positions, [c.k for c in caches],
+                                             [c.v for c in caches])
+        else:
+            rope = [tuple(t.to(embeds.dtype) for t in self.rotary.cos_sin(p, 1, device=embeds.device))
+                    for p in positions]
+            x = embeds
+            for i in range(self.cfg.layers):
+                x = self.layer(i).forward_batch(x, self.rotary, rope, positions, caches, i)
+            logits = self.logits(self.final_layernorm(x)[:, -1])
+        for pos, cache in zip(positions, caches):
+            cache.length = pos + 1
         return logits
 
     def forward(self, embeds: torch.Tensor, pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from tinyv.errors import TinyVError
 
 IMAGE_PLACEHOLDER = "<ImageHere>"
+IMAGE_TAG = "<Img>" + IMAGE_PLACEHOLDER + "</Img>"  # how the templates wrap it
 STOP_STRINGS = ("###",)
 
 # Stage 4 (the released chat model): "<s>" is plain text, no BOS token is added.
@@ -65,6 +66,29 @@ class PromptFormat:
     def render(self, question: str | None = None, task: str = "caption") -> str:
         """The raw prompt, with ``<ImageHere>``."""
         return self.template.format(question=self.question(question, task))
+
+    def conversation(self, turns: list[tuple[str | None, str | None]]) -> str:
+        """The raw prompt (with ``<ImageHere>``) of a chat about one image, as TinyGPT-V's demo
+        builds it (minigpt4 ``Conversation``, single style, no separator): ``turns`` are (question,
+        answer) pairs, the last answer None (the one to generate). The first question goes into
+        the template (None: the caption request); each answer follows its question's template
+        as is, and each later question goes into the template without the image. Stage 4:
+        ``<s>[INST] <Img><ImageHere></Img> q1 [/INST]a1<s>[INST] q2 [/INST]``."""
+        if not turns or turns[-1][1] is not None:
+            raise TinyVError("a conversation ends with a question to answer")
+        followup = self.template.replace(IMAGE_TAG + " ", "", 1) if IMAGE_TAG + " " in self.template \
+            else self.template.replace(IMAGE_TAG, "", 1).replace(IMAGE_PLACEHOLDER, "", 1)
+        parts = []
+        for i, (question, answer) in enumerate(turns):
+            if i == 0:
+                parts.append(self.render(question))
+            else:
+                if not question or not question.strip():
+                    raise TinyVError("a follow-up question is empty; ask something")
+                parts.append(followup.format(question=question))
+            if answer is not None:
+                parts.append(answer)
+        return "".join(parts)
 
     def split(self, question: str | None = None, task: str = "caption", prompt: str | None = None) -> tuple[str, str]:
         """Text before and after the image: from a raw ``prompt`` if given, else from the template."""

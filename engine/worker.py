@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterator
 
 from tinyv.errors import TinyVError
@@ -135,6 +135,13 @@ class Worker:
         if self._closed:
             raise TinyVError("this engine is closed; load it again")
         return Stream(self._executor, make_steps, timeout)
+
+    def submit(self, fn: Callable[[], object]) -> Future:
+        """Queue ``fn()`` after the jobs before it, without waiting; its result (or exception) is
+        the Future's. For a job that hands out its own results (the batch scheduler's loop)."""
+        if self._closed:
+            raise TinyVError("this engine is closed; load it again")
+        return self._executor.submit(fn)
 
     def call(self, fn: Callable[[], object], timeout: float | None = None):
         """Run ``fn()`` on the worker and return its result (``timeout``: as for a stream)."""

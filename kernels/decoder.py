@@ -5,6 +5,9 @@ LayerNorm → partial NeoX rotary → KV append → attention → dense GEMV →
 fc1 GEMV + GELU → fc2 GEMV and the residuals, for all layers, then the final LayerNorm and
 lm_head: no Python, ATen or allocation between the GEMVs, three thread-pool wake-ups per layer.
 
+``step_batch`` runs several sequences' tokens as one step (``tv_decode_batch``): each Linear is
+one GEMM over all of them, so a step reads the weights once however many sequences it carries.
+
 This wrapper takes plain tensors and numbers (the engine builds it from its model, in
 ``engine/llm.py``) and keeps every tensor it hands to C alive; the weights are used in place.
 """
@@ -19,6 +22,7 @@ import torch
 from tinyv.kernels.native import Kernels
 
 _RC_BUSY = -2
+_RC_NO_MEMORY = -3
 _p = ctypes.c_void_p
 
 
@@ -128,27 +132,46 @@ class FusedDecoder:
     def step(self, x: torch.Tensor, pos: int, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Logits [vocab] for token embedding ``x`` [hidden] at ``pos``; its keys/values go into
         ``k``/``v`` ([layers, 1, heads, max_len, head_dim], fp16 or fp32, filled below ``pos``)."""
+        return self.step_batch(x.reshape(1, -1), [pos], [k], [v])[0]
+
+    def step_batch(self, x: torch.Tensor, positions: list[int], ks: list[torch.Tensor],
+                   vs: list[torch.Tensor]) -> torch.Tensor:
+        """Logits [M, vocab] for M sequences' token embeddings ``x`` [M, hidden], sequence i at
+        ``positions[i]`` over its own cache ``ks[i]``/``vs[i]`` (as for :meth:`step`; all of one
+        dtype). Every Linear reads its weights once for all M; each row's logits are exactly
+        those :meth:`step` gives for that sequence alone."""
         d = self.dims
         lib, ctx = self.kernels.handle()
-        x = x.detach().reshape(-1)
+        M = len(positions)
+        if M < 1 or len(ks) != M or len(vs) != M:
+            raise ValueError(f"a batch needs as many caches as positions (>= 1), got {M}, {len(ks)}, {len(vs)}")
+        x = x.detach().reshape(M, -1)
         if x.dtype != torch.float32 or not x.is_contiguous():
             x = x.float().contiguous()
-        if x.numel() != d.hidden:
-            raise ValueError(f"a token embedding has {d.hidden} values, got {x.numel()}")
-        for t in (k, v):
+        if x.shape[1] != d.hidden:
+            raise ValueError(f"a token embedding has {d.hidden} values, got {x.shape[1]}")
+        dtype = ks[0].dtype
+        for t in (*ks, *vs):
             if t.dim() != 5 or tuple(t.shape[:3]) != (d.layers, 1, d.heads) or t.shape[4] != d.head_dim \
-                    or t.dtype not in (torch.float16, torch.float32) or not t.is_contiguous() or t.shape != k.shape \
-                    or t.dtype != k.dtype:
+                    or t.dtype not in (torch.float16, torch.float32) or not t.is_contiguous() or t.dtype != dtype:
                 raise ValueError(f"the KV cache must be contiguous fp16/fp32 [{d.layers}, 1, {d.heads}, len, "
                                  f"{d.head_dim}] for keys and values alike, got {list(t.shape)} {t.dtype}")
-        logits = torch.empty(d.vocab, dtype=torch.float32)
-        rc = lib.tv_decode_step(ctx, self._handle, x.data_ptr(), pos, k.data_ptr(), v.data_ptr(), k.shape[3],
-                                int(k.dtype == torch.float16), logits.data_ptr())
+        for k, v in zip(ks, vs):
+            if k.shape != v.shape:
+                raise ValueError(f"keys {list(k.shape)} and values {list(v.shape)} of one cache differ")
+        ptrs = ctypes.c_void_p * M
+        ints = ctypes.c_int * M
+        logits = torch.empty(M, d.vocab, dtype=torch.float32)
+        rc = lib.tv_decode_batch(ctx, self._handle, M, x.data_ptr(), ints(*positions), ptrs(*(k.data_ptr() for k in ks)),
+                                 ptrs(*(v.data_ptr() for v in vs)), ints(*(k.shape[3] for k in ks)),
+                                 int(dtype == torch.float16), logits.data_ptr())
         if rc == _RC_BUSY:
             raise RuntimeError("the fused decoder (or its kernels) was called from two threads at once")
+        if rc == _RC_NO_MEMORY:
+            raise MemoryError(f"no memory for the fused decoder's scratch for {M} sequences")
         if rc != 0:
-            raise ValueError(f"position {pos} is outside the cache ({k.shape[3]}) or the model's context "
-                             f"({d.max_positions})")
+            raise ValueError(f"a position of {positions} is outside its cache ({[k.shape[3] for k in ks]}) or the "
+                             f"model's context ({d.max_positions})")
         return logits
 
     def profile(self, reset: bool = True) -> dict:

@@ -26,7 +26,7 @@ import weakref
 import torch
 
 ISA_NAMES = ("scalar", "avx2", "avx512-vnni", "neon", "neon-dotprod", "neon-i8mm")  # by the C ABI's number
-ABI_VERSION = 3
+ABI_VERSION = 4
 # setting -> the C ABI's ISA number
 _FORCED_ISA = {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 3, "neon-dotprod": 4, "neon-i8mm": 5}
 # a forcing setting -> the path it runs where the CPU has it (tests and benchmarks iterate over it)
@@ -97,6 +97,8 @@ def _open_library(path: str) -> tuple[ctypes.CDLL | None, str]:
     lib.tv_phi_set_head.restype, lib.tv_phi_set_head.argtypes = c_int, [ptr, ptr, ptr, ptr]
     lib.tv_decode_step.restype = c_int
     lib.tv_decode_step.argtypes = [ctx_p, ptr, ptr, c_int, ptr, ptr, c_int, c_int, ptr]
+    lib.tv_decode_batch.restype = c_int
+    lib.tv_decode_batch.argtypes = [ctx_p, ptr, c_int, ptr, ptr, ptr, ptr, ptr, c_int, ptr]
     lib.tv_phi_profile.restype, lib.tv_phi_profile.argtypes = ctypes.c_long, [ptr, ptr, c_int]
     return lib, ""
 

@@ -231,3 +231,42 @@ def test_fp16_kv_gives_the_fp32_kv_tokens_on_the_demo_model():
     with tinyv.load(cache_dir=None) as half, fp32_kv(tinyv.load(cache_dir=None)) as full:
         assert half.phi.decoder is not None and half.phi.kv_dtype == torch.float16
         assert caption_tokens(half, images) == caption_tokens(full, images)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("setting", isas())
+@torch.inference_mode()
+def test_a_batched_step_gives_each_sequence_its_single_step(bits, setting, monkeypatch):
+    """``decode_batch``: M sequences at their own positions over their own caches of different
+    lengths in one step. On the fused step (``tv_decode_batch``) every row's logits and cache
+    entries are bit for bit the one-sequence step's, for M = 1..6 (4-row passes and 1-3 row
+    remainders); the per-layer path's batch (Linears over all rows, attention per sequence) agrees
+    with its own single steps."""
+    fused, layered, _ = models("tiny", bits, setting, 3, monkeypatch)  # 3 threads: uneven splits
+    cfg = fused.cfg
+    gen = torch.Generator().manual_seed(3)
+    for model in (fused, layered):
+        for M in range(1, 7):
+            prompts = [torch.randn(1, 1 + (5 * i + M) % 13, cfg.hidden, generator=gen) for i in range(M)]
+            alone, together = [], []
+            for p in prompts:
+                for caches in (alone, together):
+                    caches.append(model.new_cache(p.shape[1] + 1 + len(caches) % 3))
+                    model(p, 0, caches[-1])
+            x = torch.randn(M, 1, cfg.hidden, generator=gen)
+            positions = [p.shape[1] for p in prompts]
+            got = model.decode_batch(x, positions, together)
+            assert got.shape == (M, cfg.vocab_size)
+            for i in range(M):
+                want = model.decode(x[i:i + 1], positions[i], alone[i])
+                if model is fused:
+                    assert torch.equal(got[i], want), (M, i)
+                    assert torch.equal(together[i].k, alone[i].k) and torch.equal(together[i].v, alone[i].v)
+                else:
+                    assert close(got[i], want, 1e-5), (M, i)
+                assert together[i].length == positions[i] + 1
+    cache = fused.new_cache(4)
+    with pytest.raises(ValueError, match="exceeds the context length"):
+        fused.decode_batch(torch.zeros(1, 1, cfg.hidden), [4], [cache])
+    with pytest.raises(ValueError, match="positions"):
+        fused.decode_batch(torch.zeros(2, 1, cfg.hidden), [0], [cache])

@@ -1,7 +1,7 @@
 """The package's layering, checked on every import statement (lazy ones inside functions too):
 
-    cli -> engine, export (and demo: the built-in model's commands); export -> engine;
-    engine -> kernels; kernels -> nothing of tinyv's but tinyv.errors.
+    cli -> engine, export, serve (and demo: the built-in model's commands); serve -> engine;
+    export -> engine; engine -> kernels; kernels -> nothing of tinyv's but tinyv.errors.
 """
 import ast
 import os
@@ -16,7 +16,8 @@ ALLOWED = {
     "kernels": {"kernels", "errors"},
     "engine": {"engine", "kernels"} | SHARED,
     "export": {"export", "engine", "kernels"} | SHARED,
-    "cli": {"cli", "engine", "export", "demo", ""} | SHARED,
+    "serve": {"serve", "engine"} | SHARED,
+    "cli": {"cli", "engine", "export", "serve", "demo", ""} | SHARED,
     "demo": {"demo", "engine", "export", "kernels", "testing", ""} | SHARED,
     "testing": {"testing", "engine", "export"} | SHARED,
 }
@@ -83,7 +84,7 @@ def test_every_layer_keeps_to_its_imports():
     assert bad == []
 
 
-@pytest.mark.parametrize("module", ["tinyv.engine.engine", "tinyv.kernels.native"])
+@pytest.mark.parametrize("module", ["tinyv.engine.engine", "tinyv.kernels.native", "tinyv.serve.server"])
 def test_runtime_imports_load_no_exporter(module):
     """Importing the runtime pulls in nothing of export/ or cli/ (checked in a fresh interpreter)."""
     import subprocess

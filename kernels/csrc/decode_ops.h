@@ -88,27 +88,31 @@ struct GroupAvx2 {
 };
 #endif
 
-// Quantize elements [e0, e1) (whole units) of the one row x into a (row 0), in act.h's layout:
+// Quantize elements [e0, e1) (whole units) of the row x into row m of a, in act.h's layout:
 // the same codes and scales quantize_rows gives, so any kernel can consume them.
 template <class Group>
-void quantize_span(const float* x, Act& a, int e0, int e1) {
+void quantize_span(const float* x, Act& a, int m, int e0, int e1) {
     const int K = a.K, G = a.G, lanes_per_group = G / 4;
+    int8_t* const qrow = &a.q[(size_t)m * a.Kp];
+    float* const gs = &a.gs[(size_t)m * (a.Kp / G)];
+    float* const ls = &a.ls[(size_t)m * a.lanes()];
     auto group = [&](int g, int8_t* dst) {
         const float d = g * G < K ? Group::run(x + g * G, G, dst) : (std::memset(dst, 0, G), 0.f);
-        a.gs[g] = d;
+        gs[g] = d;
         return d;
     };
     if (a.bits == 8) {
         for (int g = e0 / G; g < e1 / G; g++) {
-            const float d = group(g, &a.q[g * G]);
-            std::fill(&a.ls[g * lanes_per_group], &a.ls[(g + 1) * lanes_per_group], d);
+            const float d = group(g, &qrow[g * G]);
+            std::fill(&ls[g * lanes_per_group], &ls[(g + 1) * lanes_per_group], d);
         }
         return;
     }
+    int32_t* const init = &a.init[(size_t)m * a.lanes()];
     const int half = G / 2, per_chunk = 128 / G;
     for (int c = e0 / 128; c < e1 / 128; c++) {
         alignas(32) int8_t nat[128];
-        int8_t* q = &a.q[128 * c];
+        int8_t* q = &qrow[128 * c];
         for (int j = 0; j < per_chunk; j++) {
             group(128 * c / G + j, nat + j * G);
             std::memcpy(q + j * half, nat + j * G, half);         // low nibbles' elements
@@ -117,8 +121,8 @@ void quantize_span(const float* x, Act& a, int e0, int e1) {
         for (int l = 0; l < 16; l++) {
             int s = 0;
             for (int b = 0; b < 4; b++) s += q[4 * l + b] + q[64 + 4 * l + b];
-            a.init[16 * c + l] = -8 * s;
-            a.ls[16 * c + l] = a.gs[(128 * c) / G + (4 * l) / half];
+            init[16 * c + l] = -8 * s;
+            ls[16 * c + l] = gs[(128 * c) / G + (4 * l) / half];
         }
     }
 }

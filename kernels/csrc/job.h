@@ -86,8 +86,15 @@ void rows_tiled(const Job& j, int n0, int n1) {
         int m = 0;
         for (; m + MR <= j.M; m += MR)
             for (int n = nb; n < nend; n++) Kernel::template block<MR>(j, n, m);
-        for (; m < j.M; m++)
-            for (int n = nb; n < nend; n++) Kernel::template block<1>(j, n, m);
+        // the rest in one narrower pass (a row's sums do not depend on how many rows share it)
+        static_assert(MR <= 4, "the narrower pass takes up to 3 rows");
+        for (int n = nb; n < nend && m < j.M; n++) {
+            switch (j.M - m) {
+                case 3: Kernel::template block<3>(j, n, m); break;
+                case 2: Kernel::template block<2>(j, n, m); break;
+                default: Kernel::template block<1>(j, n, m); break;
+            }
+        }
     }
 }
 

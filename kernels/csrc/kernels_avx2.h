@@ -15,14 +15,6 @@ TV_AVX2 inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-// Accumulators per activation row: with one row (decode) two chains hide the FMA latency; with
-// several, one each, since a second set would spill registers (AVX2 has 16).
-template <int MR>
-struct Acc {
-    static constexpr int n = MR == 1 ? 2 : 1;
-    TV_AVX2 static __m256 sum(const __m256* a) { return n == 2 ? _mm256_add_ps(a[0], a[n - 1]) : a[0]; }
-};
-
 // Weight scales of one int4 chunk (128 elements = 64 weight bytes) spread over the lanes of its
 // two 32-byte halves: groups of 32 put 2 groups in each half, 64 one, 128 one for both.
 template <int G>
@@ -73,8 +65,8 @@ struct Q4Chunk {
     }
 
     // Against one activation row's chunk (q: its 128 bytes, init/ls: its 16 lanes): the scaled
-    // lane sums of the two halves, added into acc0 and acc1.
-    TV_AVX2 void dot(const int8_t* q, const int32_t* init, const float* ls, __m256& acc0, __m256& acc1) const {
+    // lane sums of the two halves, added into acc.
+    TV_AVX2 void dot(const int8_t* q, const int32_t* init, const float* ls, __m256& acc) const {
         const __m256i ones = _mm256_set1_epi16(1);
         const __m256i p0 = _mm256_add_epi16(_mm256_maddubs_epi16(lo0, _mm256_loadu_si256((const __m256i*)q)),
                                             _mm256_maddubs_epi16(hi0, _mm256_loadu_si256((const __m256i*)(q + 64))));
@@ -82,8 +74,8 @@ struct Q4Chunk {
                                             _mm256_maddubs_epi16(hi1, _mm256_loadu_si256((const __m256i*)(q + 96))));
         const __m256i d0 = _mm256_add_epi32(_mm256_madd_epi16(p0, ones), _mm256_loadu_si256((const __m256i*)init));
         const __m256i d1 = _mm256_add_epi32(_mm256_madd_epi16(p1, ones), _mm256_loadu_si256((const __m256i*)(init + 8)));
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_mul_ps(s0, _mm256_loadu_ps(ls)), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_mul_ps(s1, _mm256_loadu_ps(ls + 8)), acc1);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_mul_ps(s0, _mm256_loadu_ps(ls)), acc);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_mul_ps(s1, _mm256_loadu_ps(ls + 8)), acc);
     }
 };
 
@@ -99,8 +91,10 @@ struct Q4Avx2 {
         const int K = j.K, Kp = a.Kp, lanes = a.lanes();
         const uint8_t* wr = j.w + (long)n * (K / 2);
         const uint16_t* sr = j.sc + (long)n * (K / G);
-        __m256 acc[MR][Acc<MR>::n];
-        for (int r = 0; r < MR; r++) acc[r][0] = acc[r][Acc<MR>::n - 1] = _mm256_setzero_ps();
+        // one accumulator per row, whatever MR: a row's sum is the same float whichever pass computes
+        // it, so a sequence decoded in a batch gets its logits alone bit for bit
+        __m256 acc[MR];
+        for (int r = 0; r < MR; r++) acc[r] = _mm256_setzero_ps();
         const int8_t* q = &a.q[(long)m0 * Kp];  // the rows' chunk c is at q + r * Kp + 128 c
         const int32_t* init = &a.init[(long)m0 * lanes];
         const float* ls = &a.ls[(long)m0 * lanes];
@@ -108,9 +102,9 @@ struct Q4Avx2 {
         for (int c = 0; c < Kp / 128; c++, q += 128, init += 16, ls += 16) {
             const Q4Chunk<G> w = c < whole ? Q4Chunk<G>(wr + 64 * c, sr + 128 / G * c) : Q4Chunk<G>::padded(wr, sr, K, c);
             for (int r = 0; r < MR; r++)
-                w.dot(q + (long)r * Kp, init + (long)r * lanes, ls + (long)r * lanes, acc[r][0], acc[r][Acc<MR>::n - 1]);
+                w.dot(q + (long)r * Kp, init + (long)r * lanes, ls + (long)r * lanes, acc[r]);
         }
-        for (int r = 0; r < MR; r++) store(j, m0 + r, n, hsum256(Acc<MR>::sum(acc[r])));
+        for (int r = 0; r < MR; r++) store(j, m0 + r, n, hsum256(acc[r]));
     }
 };
 
@@ -149,13 +143,13 @@ struct Q8Chunk {
     }
 
     // Against one activation row's chunk (q: its 64 bytes, ls: its 16 lanes).
-    TV_AVX2 void dot(const int8_t* q, const float* ls, __m256& acc0, __m256& acc1) const {
+    TV_AVX2 void dot(const int8_t* q, const float* ls, __m256& acc) const {
         const __m256i ones = _mm256_set1_epi16(1);
         const __m256i x0 = _mm256_loadu_si256((const __m256i*)q), x1 = _mm256_loadu_si256((const __m256i*)(q + 32));
         const __m256i d0 = _mm256_madd_epi16(_mm256_maddubs_epi16(abs0, _mm256_sign_epi8(x0, w0)), ones);
         const __m256i d1 = _mm256_madd_epi16(_mm256_maddubs_epi16(abs1, _mm256_sign_epi8(x1, w1)), ones);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_mul_ps(s0, _mm256_loadu_ps(ls)), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_mul_ps(s1, _mm256_loadu_ps(ls + 8)), acc1);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_mul_ps(s0, _mm256_loadu_ps(ls)), acc);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_mul_ps(s1, _mm256_loadu_ps(ls + 8)), acc);
     }
 };
 
@@ -167,16 +161,18 @@ struct Q8Avx2 {
         const int K = j.K, Kp = a.Kp, lanes = a.lanes();
         const int8_t* wr = (const int8_t*)j.w + (long)n * K;
         const uint16_t* sr = j.sc + (long)n * (K / G);
-        __m256 acc[MR][Acc<MR>::n];
-        for (int r = 0; r < MR; r++) acc[r][0] = acc[r][Acc<MR>::n - 1] = _mm256_setzero_ps();
+        // one accumulator per row, whatever MR: a row's sum is the same float whichever pass computes
+        // it, so a sequence decoded in a batch gets its logits alone bit for bit
+        __m256 acc[MR];
+        for (int r = 0; r < MR; r++) acc[r] = _mm256_setzero_ps();
         const int8_t* q = &a.q[(long)m0 * Kp];
         const float* ls = &a.ls[(long)m0 * lanes];
         const int whole = K / 64;
         for (int c = 0; c < Kp / 64; c++, q += 64, ls += 16) {
             const Q8Chunk<G> w = c < whole ? Q8Chunk<G>(wr + 64 * c, sr + 64 * c / G) : Q8Chunk<G>::padded(wr, sr, K, c);
-            for (int r = 0; r < MR; r++) w.dot(q + (long)r * Kp, ls + (long)r * lanes, acc[r][0], acc[r][Acc<MR>::n - 1]);
+            for (int r = 0; r < MR; r++) w.dot(q + (long)r * Kp, ls + (long)r * lanes, acc[r]);
         }
-        for (int r = 0; r < MR; r++) store(j, m0 + r, n, hsum256(Acc<MR>::sum(acc[r])));
+        for (int r = 0; r < MR; r++) store(j, m0 + r, n, hsum256(acc[r]));
     }
 };
 

@@ -233,7 +233,7 @@ TV_NEON_TARGET void rows_dot(const Job& j, int n0, int n1) {
 // of K deep. The activation rows are interleaved once per block into smmla's operand layout; the
 // weight rows are interleaved in registers (zip of 64-bit halves), where they are loaded anyway.
 
-constexpr int PAIRS = 2;  // activation row pairs per pass over the weights (4 rows, as MB)
+constexpr int PAIRS = 2;  // activation row pairs per pass over the weights (4 rows, as MR)
 
 // Activation rows [m0, m0 + rows) of `a` as PAIRS pairs: q [pair][Kp / 8][row of the pair][8 bytes];
 // gs [pair][Kp / G][4] = the pair's group scales in smmla's output lanes (m, m, m+1, m+1). A row

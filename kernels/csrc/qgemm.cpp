@@ -147,7 +147,7 @@ void run_rows(const Job& j, int n0, int n1) {
 // ---------------------------------------------------------------------------------------------
 // C ABI (documented in tinyv_kernels.h)
 
-TV_EXPORT int tv_abi_version(void) { return 3; }
+TV_EXPORT int tv_abi_version(void) { return 4; }
 
 TV_EXPORT int tv_cpu_features(void) {
     return tinyv::isa_feature_bits(tinyv::cpu_best_isa());

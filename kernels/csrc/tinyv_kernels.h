@@ -1,4 +1,4 @@
-// The C ABI of tinyv's CPU kernels (loaded with ctypes by kernels/native.py; version 3).
+// The C ABI of tinyv's CPU kernels (loaded with ctypes by kernels/native.py; version 4).
 //
 // All state lives in a context the caller creates: its ISA, its thread count and its own thread
 // pool. Nothing on the GEMM path is process-wide, so two contexts used from two threads at the
@@ -13,7 +13,7 @@ extern "C" {
 
 typedef struct tv_ctx tv_ctx;
 
-// 3 for this ABI; the Python side refuses a library with another number.
+// 4 for this ABI; the Python side refuses a library with another number.
 int tv_abi_version(void);
 
 // Bit set of what the CPU offers: 1 = the AVX2 path is usable, 2 = the AVX-512 VNNI path is;
@@ -90,6 +90,15 @@ int tv_phi_set_head(tv_phi* model, const float* final_ln_w, const float* final_l
 // or the handle is in use by another thread.
 int tv_decode_step(tv_ctx* ctx, tv_phi* model, const float* x, int pos, void* k, void* v, int kv_len, int kv_fp16,
                    float* logits);
+
+// The same step for M sequences at once (a batch of independent answers): token embeddings x
+// [M, hidden], sequence s at position pos[s] over its own cache k[s], v[s] (each [layers, 1,
+// heads, kv_len[s], head_dim], all fp16 if kv_fp16 else fp32); logits [M, vocab]. Every Linear
+// runs as one M-row GEMM (the weights are read once for all M) and each sequence's results are
+// bit for bit those of tv_decode_step on it alone. Returns 0; -1 for bad arguments; -2 as above;
+// -3 out of memory (the handle's scratch grows to the largest M seen).
+int tv_decode_batch(tv_ctx* ctx, tv_phi* model, int M, const float* x, const int* pos, void* const* k,
+                    void* const* v, const int* kv_len, int kv_fp16, float* logits);
 
 // Nanoseconds spent since the last reset in ns_out[3] = {GEMV phases, attention phases, the
 // rest (norms, quantizing activations, residuals)}; returns the steps they cover; reset if asked.

@@ -243,8 +243,8 @@ void check_quantize(Tally& t, int bits) {
                 x[G] = 127.f;
             }
             Act simd(1, K, G, bits), ref(1, K, G, bits);
-            quantize_span<GroupScalar>(x.data(), ref, 0, ref.Kp);
-            quantize_span<GroupSimd>(x.data(), simd, 0, simd.Kp);
+            quantize_span<GroupScalar>(x.data(), ref, 0, 0, ref.Kp);
+            quantize_span<GroupSimd>(x.data(), simd, 0, 0, simd.Kp);
             const bool ok = simd.q == ref.q && std::memcmp(simd.gs.data(), ref.gs.data(), ref.gs.size() * 4) == 0 &&
                             std::memcmp(simd.ls.data(), ref.ls.data(), ref.ls.size() * 4) == 0 && simd.init == ref.init;
             t.add(ok, describe("codes or scales differ", bits, G, Shape{1, 1, K}, 1));
