@@ -32,7 +32,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 HANG_GUARD_S = 120
 KEY = "sk-test-key"
-EXAMPLE = os.path.join(os.path.dirname(tinyv.__file__), "examples", "red_circle_blue_square.png")
+# the repository's example (the installed package has no examples/)
+EXAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "red_circle_blue_square.png")
 VQA = "[vqa] Based on the image, respond to this question with a short answer: {}"
 SETTINGS = ServerSettings(model="tinyv-demo", api_key=KEY, max_batch=4, max_body_bytes=512 << 10,
                           images=ImagePolicy(max_pixels=100_000))
