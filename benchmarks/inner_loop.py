@@ -32,9 +32,10 @@ def is_dot(mnem: str, ops: str) -> bool:
 # (architecture, label, function, weight bytes per loop iteration, activation rows)
 KERNELS = [
     ("x86", "int4 AVX-512 VNNI", "tinyv::Q4Avx512<32>::block<1>", 64, 1),
-    ("x86", "int4 AVX2", "tinyv::Q4Avx2<32>::block<1>", 32, 1),
+    ("x86", "int4 AVX2", "tinyv::Q4Avx2<32>::block<1>", 64, 1),
     ("x86", "int8 AVX-512 VNNI", "tinyv::Q8Avx512<32>::block<1>", 64, 1),
-    ("x86", "int8 AVX2", "tinyv::Q8Avx2<32>::block<1>", 32, 1),
+    ("x86", "int8 AVX2", "tinyv::Q8Avx2<32>::block<1>", 64, 1),
+    ("x86", "int4 AVX2", "tinyv::Q4Avx2<32>::block<4>", 64, 4),
     ("x86", "int4 AVX-512 VNNI", "tinyv::Q4Avx512<32>::block<4>", 64, 4),
     ("arm", "int4 NEON dotprod", "tinyv::neon_dotprod::Q4<32>::block<1>", 64, 1),
     ("arm", "int4 NEON (no dotprod)", "tinyv::neon_plain::Q4<32>::block<1>", 64, 1),
