@@ -17,6 +17,15 @@ TV_AVX2 inline float hsum256(__m256 v) {
 
 // Weight scales of one int4 chunk (128 elements = 64 weight bytes) spread over the lanes of its
 // two 32-byte halves: groups of 32 put 2 groups in each half, 64 one, 128 one for both.
+// Two consecutive fp16 scales, each broadcast over the 8 lanes of one 32-byte half.
+TV_AVX2 inline void two_scales256(const uint16_t* sc, __m256& s0, __m256& s1) {
+    int32_t two;
+    std::memcpy(&two, sc, 4);
+    const __m128 f = _mm_cvtph_ps(_mm_cvtsi32_si128(two));
+    s0 = _mm256_broadcastss_ps(f);
+    s1 = _mm256_broadcastss_ps(_mm_movehdup_ps(f));
+}
+
 template <int G>
 TV_AVX2 inline void chunk_scales256(const uint16_t* sc, __m256& s0, __m256& s1) {
     if constexpr (G == 32) {
@@ -24,11 +33,7 @@ TV_AVX2 inline void chunk_scales256(const uint16_t* sc, __m256& s0, __m256& s1) 
         s0 = _mm256_permutevar8x32_ps(f, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
         s1 = _mm256_permutevar8x32_ps(f, _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3));
     } else if constexpr (G == 64) {
-        int32_t two;
-        std::memcpy(&two, sc, 4);
-        const __m128 f = _mm_cvtph_ps(_mm_cvtsi32_si128(two));
-        s0 = _mm256_broadcastss_ps(f);
-        s1 = _mm256_broadcastss_ps(_mm_movehdup_ps(f));
+        two_scales256(sc, s0, s1);
     } else {
         s0 = s1 = _mm256_cvtph_ps(_mm_set1_epi16((short)sc[0]));
     }
@@ -122,11 +127,7 @@ struct Q8Chunk {
         abs0 = _mm256_sign_epi8(w0, w0);
         abs1 = _mm256_sign_epi8(w1, w1);
         if constexpr (G == 32) {
-            int32_t two;
-            std::memcpy(&two, sc, 4);
-            const __m128 f = _mm_cvtph_ps(_mm_cvtsi32_si128(two));
-            s0 = _mm256_broadcastss_ps(f);
-            s1 = _mm256_broadcastss_ps(_mm_movehdup_ps(f));
+            two_scales256(sc, s0, s1);
         } else {
             s0 = s1 = _mm256_cvtph_ps(_mm_set1_epi16((short)sc[0]));
         }
