@@ -42,7 +42,8 @@ def _stamp_path(stamps: str, path: str) -> str:
     return os.path.join(stamps, hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:32] + ".json")
 
 
-def _read_stamp(stamp: str) -> dict | None:
+def read_stamp(stamp: str) -> dict | None:
+    """A small JSON record written by ``write_stamp``; None if missing or damaged."""
     try:
         with open(stamp, encoding="utf-8") as f:
             data = json.load(f)
@@ -51,7 +52,8 @@ def _read_stamp(stamp: str) -> dict | None:
         return None  # none yet, or damaged: hash again
 
 
-def _write_stamp(stamp: str, data: dict) -> None:
+def write_stamp(stamp: str, data: dict) -> None:
+    """Write the record atomically; one that cannot be written only costs a re-hash next time."""
     try:
         os.makedirs(os.path.dirname(stamp), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(stamp), prefix=".tmp-")
@@ -73,12 +75,12 @@ def file_sha256(path: str, stamps: str | None = None) -> str:
     stamp = _stamp_path(stamps, path) if stamps else None
     before = _identity(os.stat(path))
     if stamp:
-        known = _read_stamp(stamp)
+        known = read_stamp(stamp)
         if known and known.get("path") == path and {k: known.get(k) for k in before} == before:
             return known["sha256"]
     digest = _hash(path)
     after = _identity(os.stat(path))
     settled = time.time_ns() - max(after["mtime_ns"], after["ctime_ns"]) >= SETTLE_NS
     if stamp and after == before and settled:
-        _write_stamp(stamp, {"path": path, **after, "sha256": digest})
+        write_stamp(stamp, {"path": path, **after, "sha256": digest})
     return digest

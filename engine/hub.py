@@ -10,13 +10,12 @@ not re-hash gigabytes). Offline (``HF_HUB_OFFLINE=1``) a cached revision loads w
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 
 from tinyv.engine.bundle import MANIFEST, Bundle, check_files, check_manifest, read_json
+from tinyv.engine.file_identity import read_stamp, write_stamp
 from tinyv.engine.paths import cache_dir
 from tinyv.errors import TinyVError
 
@@ -68,9 +67,9 @@ def fetch_bundle(name: HubName, verify: bool = False) -> Bundle:
     check_files(folder, manifest, root=repo_root, remedy=damaged)
     fingerprint = _fingerprint(folder, manifest)
     record = _record_path(name.repo, commit)
-    if verify or not _verified_before(record, fingerprint):
+    if verify or read_stamp(record) != fingerprint:
         check_files(folder, manifest, verify=True, root=repo_root, remedy=damaged)
-        _remember_verified(record, fingerprint)
+        write_stamp(record, fingerprint)
     return Bundle(folder, manifest, str(name), commit)
 
 
@@ -124,25 +123,3 @@ def _record_path(repo: str, commit: str) -> str:
     return os.path.join(cache_dir(), "hub-verified", repo.replace("/", "--"), f"{commit}.json")
 
 
-def _verified_before(record: str, fingerprint: dict) -> bool:
-    try:
-        with open(record, encoding="utf-8") as f:
-            return json.load(f) == fingerprint
-    except (OSError, ValueError):
-        return False
-
-
-def _remember_verified(record: str, fingerprint: dict) -> None:
-    """Write the record atomically; a cache that cannot be written only costs a re-hash next time."""
-    try:
-        os.makedirs(os.path.dirname(record), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(record), prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(fingerprint, f)
-            os.replace(tmp, record)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    except OSError:
-        pass
