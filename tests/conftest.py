@@ -1,4 +1,6 @@
 """Shared fixtures: tiny checkpoints in the real formats, written once per test session."""
+import threading
+
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -149,3 +151,35 @@ def offline_hub(tmp_path, monkeypatch):
     monkeypatch.setenv("TINYV_CACHE", str(tmp_path / "tinyv-cache"))
     monkeypatch.delenv("TINYV_DEBUG", raising=False)
     return OfflineHub(cache)
+
+
+HANG_GUARD_S = 120  # a wait that outlives this is a hang, not a slow machine
+
+
+class GatedSampler:
+    """Greedy; counts its calls and, at call ``gate_at``, waits for ``open`` (holding the worker)."""
+
+    def __init__(self, gate_at: int):
+        self.calls, self.gate_at = 0, gate_at
+        self.open, self.reached = threading.Event(), threading.Event()
+
+    def __call__(self, logits, history):
+        self.calls += 1
+        if self.calls == self.gate_at:
+            self.reached.set()
+            assert self.open.wait(HANG_GUARD_S)
+        return int(torch.argmax(logits))
+
+
+@pytest.fixture
+def gate_sampling(monkeypatch):
+    """``gate_sampling(n)``: answers from here on sample through one GatedSampler, which holds the
+    engine's worker at its n-th call until its ``open`` is set; returns it."""
+    from tinyv.engine import generate
+
+    def install(gate_at: int) -> GatedSampler:
+        gate = GatedSampler(gate_at)
+        monkeypatch.setattr(generate, "make_sampler", lambda *a, **k: gate)
+        return gate
+
+    return install

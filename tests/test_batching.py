@@ -3,12 +3,9 @@ alone; a request arriving mid-answer joins the batch; a closed stream leaves it 
 failing request fails alone; the batch never exceeds its size. Gated samplers hold the engine's
 worker at known points, so nothing depends on timing."""
 import asyncio
-import threading
 
 import pytest
-import torch
 
-import tinyv.engine.generate as generate_mod
 from tinyv import TinyVError
 from tinyv.engine.batching import Batcher
 from tinyv.engine.engine import Engine
@@ -31,21 +28,6 @@ def _ask(e, image, question, n):
 
 def _submit(b, image, question, n):
     return b.submit(image, question, max_new_tokens=n, **({"task": "vqa"} if question else {}))
-
-
-class GatedSampler:
-    """Greedy; counts its calls and, at call ``gate_at``, waits for ``open`` (holding the worker)."""
-
-    def __init__(self, gate_at: int):
-        self.calls, self.gate_at = 0, gate_at
-        self.open, self.reached = threading.Event(), threading.Event()
-
-    def __call__(self, logits, history):
-        self.calls += 1
-        if self.calls == self.gate_at:
-            self.reached.set()
-            assert self.open.wait(HANG_GUARD_S)
-        return int(torch.argmax(logits))
 
 
 def test_batched_answers_are_the_answers_alone(e4, scene, other_image):
@@ -74,10 +56,9 @@ def test_the_batch_never_exceeds_its_size(e4, scene, monkeypatch):
     assert max(sizes) == 2
 
 
-def test_a_request_arriving_mid_answer_joins_the_batch(e4, scene, other_image, monkeypatch):
+def test_a_request_arriving_mid_answer_joins_the_batch(e4, scene, other_image, gate_sampling):
     want_a, want_b = _ask(e4, scene, None, 16), _ask(e4, other_image, "what is it?", 10)
-    gate = GatedSampler(gate_at=3)
-    monkeypatch.setattr(generate_mod, "make_sampler", lambda *a, **k: gate)
+    gate = gate_sampling(3)
     b = Batcher(e4, max_batch=4)
     a = _submit(b, scene, None, 16)
     first = [next(a).token, next(a).token]  # A is being decoded; its third token waits at the gate
@@ -91,10 +72,9 @@ def test_a_request_arriving_mid_answer_joins_the_batch(e4, scene, other_image, m
     assert b.stepped_tokens - steps_before > b.steps - steps_before  # it decoded together with A
 
 
-def test_a_closed_stream_leaves_within_one_token(e4, scene, other_image, monkeypatch):
+def test_a_closed_stream_leaves_within_one_token(e4, scene, other_image, gate_sampling):
     want_b = _ask(e4, other_image, None, 12)
-    gate = GatedSampler(gate_at=5)
-    monkeypatch.setattr(generate_mod, "make_sampler", lambda *a, **k: gate)
+    gate = gate_sampling(5)
     b = Batcher(e4, max_batch=1)  # B can only start once A's place is free
     a = _submit(b, scene, None, 40)
     late = _submit(b, other_image, None, 12)
@@ -107,9 +87,8 @@ def test_a_closed_stream_leaves_within_one_token(e4, scene, other_image, monkeyp
     assert b.stats()["active"] == 0
 
 
-def test_a_dropped_stream_closes(e4, scene, monkeypatch):
-    gate = GatedSampler(gate_at=2)
-    monkeypatch.setattr(generate_mod, "make_sampler", lambda *a, **k: gate)
+def test_a_dropped_stream_closes(e4, scene, gate_sampling):
+    gate = gate_sampling(2)
     b = Batcher(e4, max_batch=2)
     a = _submit(b, scene, None, 40)
     assert gate.reached.wait(HANG_GUARD_S)

@@ -16,12 +16,10 @@ import threading
 import httpx2 as httpx
 import openai
 import pytest
-import torch
 from click.testing import CliRunner
 from PIL import Image
 
 import tinyv
-import tinyv.engine.generate as generate_mod
 from tinyv.cli.main import cli
 from tinyv.demo.scenes import make_scene
 from tinyv.serve.app import ServerSettings
@@ -146,24 +144,10 @@ def test_eight_concurrent_clients_all_get_their_answers(server, demo):
     assert got == want
 
 
-class GatedSampler:
-    def __init__(self, gate_at):
-        self.calls, self.gate_at = 0, gate_at
-        self.open, self.reached = threading.Event(), threading.Event()
-
-    def __call__(self, logits, history):
-        self.calls += 1
-        if self.calls == self.gate_at:
-            self.reached.set()
-            assert self.open.wait(HANG_GUARD_S)
-        return int(torch.argmax(logits))
-
-
-def test_a_client_that_disconnects_frees_its_place(demo, monkeypatch):
+def test_a_client_that_disconnects_frees_its_place(demo, gate_sampling):
     other = make_scene(random.Random(11)).render()
     want = alone(demo, other)
-    gate = GatedSampler(gate_at=3)
-    monkeypatch.setattr(generate_mod, "make_sampler", lambda *a, **k: gate)
+    gate = gate_sampling(3)
     with BackgroundServer(demo, ServerSettings(max_batch=1)) as s:
         batcher = s.app.state.batcher
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="-", max_retries=0, timeout=HANG_GUARD_S)
