@@ -188,7 +188,8 @@ def _recipe_section(q: dict, v: dict) -> str:
     ]
     int8 = v.get("int8")
     if int8:
-        lines.append(f"  Dynamic int8 quantization of the {', '.join(int8.get('op_types', []))} weights, "
+        which = int8.get("quantized") or f"the {', '.join(int8.get('op_types', []))} weights"
+        lines.append(f"  Dynamic int8 quantization of {which}, "
                      f"{'per channel' if int8.get('per_channel') else 'per tensor'} (the closer of the two to fp32).")
     return "## Quantization recipe\n\n" + "\n".join(lines)
 

@@ -1,7 +1,9 @@
-"""int8 vision graphs: ONNX Runtime's dynamic quantization of every weight MatMul, piece by piece.
+"""int8 vision graphs: ONNX Runtime's dynamic quantization of the ViT's weight MatMuls, piece by piece.
 
 Signed int8 weights (SPEC §5: unsigned weights ran 9x slower on the target CPU), uint8
-activations quantized at run time; the patch-embed Conv stays fp32.
+activations quantized at run time (one scale per tensor); the patch-embed Conv stays fp32, and so
+do the MatMuls outside ``only`` (the exporter keeps the Q-Former and the projection in fp32: see
+``vision.INT8_MODULE``).
 """
 from __future__ import annotations
 
@@ -24,8 +26,10 @@ class _DropPreprocessHint(logging.Filter):
         return "pre-processing before quantization" not in record.getMessage()
 
 
-def quantize_pieces(src: str, dst: str, per_channel: bool, piece_bytes: int | None = None) -> None:
-    """``quantize_dynamic`` (int8 weights, uint8 activations) of every weight MatMul of ``src``.
+def quantize_pieces(src: str, dst: str, per_channel: bool, piece_bytes: int | None = None,
+                    only: str = "") -> None:
+    """``quantize_dynamic`` (int8 weights, uint8 activations) of every weight MatMul of ``src`` whose
+    node name starts with ``only`` (all when empty); the others stay fp32.
 
     ``quantize_dynamic`` holds about three copies of the model it is given, so the graph is cut
     into consecutive pieces of at most ``piece_bytes`` (default ``onnx_pieces.PIECE_BYTES``) of
@@ -49,6 +53,7 @@ def quantize_pieces(src: str, dst: str, per_channel: bool, piece_bytes: int | No
         for k in range(len(plan.pieces)):
             piece_in, piece_out = os.path.join(work, f"{k}.onnx"), os.path.join(work, f"{k}-int8.onnx")
             sub = plan.piece_model(k, os.path.dirname(src))
+            keep = [n.name for n in sub.graph.node if n.op_type == "MatMul" and not n.name.startswith(only)]
             onnx.save(sub, piece_in)
             del sub
             quantize_dynamic(
@@ -57,6 +62,7 @@ def quantize_pieces(src: str, dst: str, per_channel: bool, piece_bytes: int | No
                 weight_type=QuantType.QInt8,  # signed: u8 x s8 is the fast VNNI/AMX path (SPEC §5)
                 per_channel=per_channel,
                 op_types_to_quantize=["MatMul"],  # weight MatMuls; the patch-embed Conv stays fp32
+                nodes_to_exclude=keep,
             )
             os.remove(piece_in)
             q = onnx.load(piece_out)
