@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import click
 
@@ -34,11 +35,13 @@ def bench_cmd(bundle, image, runs, threads, pp, tg, llm_only, as_json, device, m
 
         use_tinyv_image_limit()
         check_image(image)  # before minutes of measuring
+    started = time.perf_counter()
     engine = tinyv.load(bundle, threads=threads, cache_dir=None, announce=lambda m: click.echo(m, err=True),
-                        device=device, max_gpu_memory=max_gpu_memory)
+                        device=device, max_gpu_memory=max_gpu_memory, preload_vision=not llm_only)
+    load_ms = (time.perf_counter() - started) * 1000
     limit = engine.config.phi.max_positions
     if any(n < 1 or n + tg > limit for n in lengths) or 64 + tg > limit:
         raise TinyVError(f"prompt lengths plus --tg must fit the context of {limit} tokens")
-    r = run_bench(engine, image, runs=runs, pp=lengths, tg=tg, llm_only=llm_only,
-                  progress=lambda m: click.echo(f"bench: {m}", err=True))
+    r = {"load_ms": load_ms, **run_bench(engine, image, runs=runs, pp=lengths, tg=tg, llm_only=llm_only,
+                                         progress=lambda m: click.echo(f"bench: {m}", err=True))}
     click.echo(json.dumps(r) if as_json else format_bench(r, tg))

@@ -63,7 +63,7 @@ class Engine:
     def load(cls, bundle, threads: int | None = None, vision_threads: int | None = None, *, verify: bool = False,
              cache_dir=_CACHE_DEFAULT, cache_max_bytes: int | None = None,
              prefix_cache_bytes: int = DEFAULT_PREFIX_BYTES, device: str = "cpu", max_gpu_memory="8GB",
-             announce=None) -> "Engine":
+             announce=None, preload_vision: bool = True) -> "Engine":
         """Load ``bundle``: a folder from ``tinyv export``, or ``hf://owner/repo[@revision]`` (a bare
         ``owner/repo`` too, if no such folder exists) fetched from the Hugging Face Hub and checked
         (``engine/hub.py``); ``tinyv.load()`` also knows the built-in model.
@@ -74,10 +74,13 @@ class Engine:
         prefixes (0: none kept). ``device``: ``cpu``, ``cuda`` (bitsandbytes layers, within
         ``max_gpu_memory``, e.g. ``"8GB"``: see ``engine/gpu.py``) or ``auto`` (CUDA when usable and
         the budget fits); ``announce(line)`` is told where a non-CPU request runs and of a cache
-        folder that cannot be used (default: a RuntimeWarning).
+        folder that cannot be used (default: a RuntimeWarning). ``preload_vision`` opens the vision
+        graph on a background thread while the language model loads, so the first new image does
+        not wait for it; ``False`` opens it at the first image that needs it (never, if every image
+        is cached).
         """
         from tinyv.engine import gpu
-        from tinyv.engine.vision_onnx import open_session
+        from tinyv.engine.vision_onnx import OpenInBackground, open_session
         from tinyv.engine.weights import mmap_safetensors
         from tinyv.kernels import native
 
@@ -87,8 +90,16 @@ class Engine:
         found = load_bundle(bundle, verify=verify)
         bundle, manifest = found.folder, found.manifest
         placement = gpu.place(manifest, device, max_gpu_memory)  # before any weight is read
-        tensors = mmap_safetensors(os.path.join(bundle, manifest["quantization"].get("llm_file", LLM_FILE)))
+        vision_path, providers = os.path.join(bundle, manifest["vision"]["file"]), placement.vision_providers()
         threads = int(threads or torch.get_num_threads())
+        vision_threads = vision_threads or threads
+
+        def open_vision():
+            return open_session(vision_path, threads=vision_threads, providers=providers)
+
+        if preload_vision:
+            open_vision = OpenInBackground(open_vision).result
+        tensors = mmap_safetensors(os.path.join(bundle, manifest["quantization"].get("llm_file", LLM_FILE)))
         phi_cfg, quant = PhiConfig.from_dict(manifest["model"]["phi"]), QuantConfig.from_dict(manifest["quantization"])
         if placement.on_gpu:
             kernels = None
@@ -101,13 +112,10 @@ class Engine:
             announce(f"tinyv: {gpu.placement_line(placement, phi)}")
         tok_info = manifest["tokenizer"]
         tokenizer = Tokenizer.from_file(os.path.join(bundle, tok_info["file"]), tok_info.get("eos_id"))
-        vision_path = os.path.join(bundle, manifest["vision"]["file"])
         folder = default_cache_folder() if cache_dir is _CACHE_DEFAULT else cache_dir
         cache = EmbeddingCache(folder, **({"max_bytes": cache_max_bytes} if cache_max_bytes else {}), report=announce)
-        providers = placement.vision_providers()
-        return cls(bundle, manifest, phi, tokenizer,
-                   lambda: open_session(vision_path, threads=vision_threads or threads, providers=providers),
-                   cache, threads, kernels, prefix_cache_bytes, placement)
+        return cls(bundle, manifest, phi, tokenizer, open_vision, cache, threads, kernels, prefix_cache_bytes,
+                   placement)
 
     def close(self) -> None:
         """Finish the queued work and let the worker thread end; the engine takes no new calls."""
@@ -121,8 +129,8 @@ class Engine:
 
     @property
     def vision(self):
-        """The ONNX Runtime session of the vision graph, opened on first use: an engine that only
-        meets cached images (or only chats about text) never maps the graph's weights."""
+        """The ONNX Runtime session of the vision graph: opening since the load (``preload_vision``),
+        else opened on first use."""
         if self._vision is None:
             self._vision = self._open_vision()
         return self._vision

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 from tinyv.errors import TinyVError
 
@@ -41,3 +42,34 @@ def open_session(model, threads: int | None = None, *, prepack: bool = True, are
         return ort.InferenceSession(model, opts, providers=list(providers))
     except Exception as e:  # onnxruntime raises its own types for bad graphs
         raise TinyVError(f"cannot open the vision graph {where} ({str(e).splitlines()[0]}); re-export the bundle") from None
+
+
+class OpenInBackground:
+    """``open_vision()`` started now on a thread of its own; ``result()`` waits for it and returns
+    the session (or raises what opening raised, at first use as a lazy open would).
+
+    The engine starts opening the vision graph before it builds the language model: the seconds
+    ONNX Runtime spends reading and prepacking a full-size graph's weights then overlap the LLM's
+    load instead of delaying the first image (ONNX Runtime lets go of the GIL while it opens).
+    """
+
+    def __init__(self, open_vision):
+        self._done = threading.Event()
+        self._session = self._error = None
+        # a daemon: a process that never needed the graph (cached images) does not wait for it at exit
+        threading.Thread(target=self._run, args=(open_vision,), name="tinyv-vision-open", daemon=True).start()
+
+    def _run(self, open_vision) -> None:
+        try:
+            self._session = open_vision()
+        except BaseException as e:  # raised to whoever needs the session
+            self._error = e
+        finally:
+            self._done.set()
+
+    def result(self):
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        session, self._session = self._session, None  # the engine holds it from now on
+        return session

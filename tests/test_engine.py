@@ -411,6 +411,40 @@ def test_default_model_is_the_shipped_demo_bundle(tmp_path, scene):
     assert _run(tinyv.load(cache_dir=None), scene, max_new_tokens=4)[0] == tokens  # announce is optional
 
 
+# -- vision graph opening ----------------------------------------------------------------------------
+
+def test_vision_graph_opens_in_the_background_while_the_model_loads(b4, scene, monkeypatch):
+    """The first new image must not wait seconds for ONNX Runtime to read the graph: it opens on
+    its own thread from the start of the load. preload_vision=False opens it at the first image."""
+    from tinyv.engine import vision_onnx
+
+    opened_on = []
+    real = vision_onnx.open_session
+
+    def spy(*args, **kw):
+        opened_on.append(threading.current_thread().name)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(vision_onnx, "open_session", spy)
+    early = Engine.load(b4, cache_dir=None)
+    assert early.vision is early.vision  # waits for the background open; opened once
+    assert opened_on == ["tinyv-vision-open"]
+    lazy = Engine.load(b4, cache_dir=None, preload_vision=False)
+    assert opened_on == ["tinyv-vision-open"]  # nothing opened for the lazy engine yet
+    assert lazy.caption(scene, max_new_tokens=3) == early.caption(scene, max_new_tokens=3)
+    assert opened_on[1:] and opened_on[1].startswith("tinyv-engine")  # on the engine's worker, when needed
+
+
+def test_a_vision_graph_that_fails_to_open_in_the_background_fails_the_first_image(b4, tmp_path, scene):
+    folder = tmp_path / "broken"
+    shutil.copytree(b4, folder)
+    graph = folder / "vision.onnx"
+    graph.write_bytes(b"\xff" * graph.stat().st_size)  # the size the manifest says; not a graph
+    engine = Engine.load(str(folder), cache_dir=None)  # sizes are checked at load, the graph when opened
+    with pytest.raises(TinyVError, match="cannot open the vision graph"):
+        engine.caption(scene, max_new_tokens=2)
+
+
 # -- bench ---------------------------------------------------------------------------------------
 
 def test_run_bench_figures(e4):
@@ -423,8 +457,9 @@ def test_run_bench_figures(e4):
         assert {"mean", "std"} <= set(f) and f["mean"] > 0 and f["std"] >= 0 and f["runs"] == 1
     assert r["achieved_gb_s"] > 0 and r["llm_weight_bytes"] == e4.weight_bytes
     assert 4 < r["bits_per_weight"] < 6 and r["peak_rss_mb"] > 0 and r["vision"] == "fp32"
+    assert r["ttft_first_call_ms"] > 0
     text = format_bench(r, tg=4)
-    assert "pp8" in text and "tg4" in text and "GB/s" in text
+    assert "pp8" in text and "tg4" in text and "GB/s" in text and "first call after load" in text
     print(f"\n[bench tiny q4] {r['tg4_tok_s']['mean']:.0f} tok/s, {r['achieved_gb_s']:.3f} GB/s")
 
 
