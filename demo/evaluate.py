@@ -1,10 +1,13 @@
 """Accuracy of a model on held-out generated scenes (``tinyv eval``).
 
-For each scene: the caption against the reference caption (exact match and token F1) and every
-question against its answer, by question type. Works on a bundle (the engine that users run) and
-on the fp32 torch model built from checkpoint files (the reference), through one small interface:
-``open_bundle(path)`` / ``open_checkpoints(...)`` return a ``Model`` whose ``session(image)``
-answers ``caption()`` and ``ask(question)`` greedily, the image encoded once per scene.
+For each scene: the caption against the reference caption (exact match and token F1), and its six
+questions asked four ways: in wordings training used and in held-out wordings
+(``questions.py``), each through the ``[vqa]`` template (``tinyv ask``) and as a free question in
+the chat template (what ``tinyv chat``, ``caption -q`` and the API send). Works on a bundle (the
+engine that users run) and on the fp32 torch model built from checkpoint files (the reference),
+through one small interface: ``open_bundle(path)`` / ``open_checkpoints(...)`` return a ``Model``
+whose ``session(image)`` answers ``caption()``, ``ask(question)`` and ``chat(question)`` greedily,
+the image encoded once per scene.
 """
 from __future__ import annotations
 
@@ -14,6 +17,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 from tinyv.demo.scenes import QUESTION_TYPES, make_scenes
+
+# result key -> (question wordings, how asked); "vqa" is the [vqa] template on trained wordings
+ASKED = {"vqa": ("trained", "ask"), "chat": ("trained", "chat"),
+         "held_out_vqa": ("held_out", "ask"), "held_out_chat": ("held_out", "chat")}
+COLUMNS = {"vqa": "VQA", "chat": "chat", "held_out_vqa": "held-out VQA", "held_out_chat": "held-out chat"}
 
 HELD_OUT_SEED = 1  # training draws its scenes from --seed (0 for the shipped model)
 DEFAULT_IMAGES = 500
@@ -57,6 +65,9 @@ class _EngineSession:
     def ask(self, question: str) -> str:
         return self.session.ask(question, max_new_tokens=MAX_NEW_TOKENS)
 
+    def chat(self, question: str) -> str:
+        return "".join(s.text for s in self.session.stream(question, max_new_tokens=MAX_NEW_TOKENS)).strip()
+
 
 class _TorchSession:
     def __init__(self, model, image):
@@ -72,6 +83,9 @@ class _TorchSession:
 
     def ask(self, question: str) -> str:
         return self._answer(question, "vqa")
+
+    def chat(self, question: str) -> str:
+        return self._answer(question, "caption")  # a question with the caption task: the chat template
 
 
 def normalize(text: str) -> str:
@@ -91,12 +105,14 @@ def token_f1(prediction: str, reference: str) -> float:
 def evaluate(model: Model, images: int = DEFAULT_IMAGES, seed: int = HELD_OUT_SEED, progress=None) -> dict:
     """Scores of ``model`` on ``images`` scenes drawn from ``seed`` (fractions in [0, 1]).
 
-    ``progress(done, total)`` is called after each scene.
+    ``vqa``, ``chat``, ``held_out_vqa`` and ``held_out_chat`` are the share of questions answered
+    exactly, each with its ``..._by_type``; ``progress(done, total)`` is called after each scene.
     """
     t0 = time.perf_counter()
     exact = f1 = 0.0
-    right, asked = Counter(), Counter()
-    failures = []
+    right = {key: Counter() for key in ASKED}
+    asked = Counter()
+    failures, wrong_answers = [], []
     scenes = make_scenes(images, seed)
     for n, scene in enumerate(scenes, 1):
         session = model.session(scene.render())
@@ -105,31 +121,41 @@ def evaluate(model: Model, images: int = DEFAULT_IMAGES, seed: int = HELD_OUT_SE
         f1 += token_f1(text, ref)
         if normalize(text) != normalize(ref) and len(failures) < 5:
             failures.append({"reference": ref, "caption": text})
-        for qa in scene.questions():
+        wordings = {split: scene.questions(split) for split in ("trained", "held_out")}
+        for qa in wordings["trained"]:
             asked[qa.type] += 1
-            right[qa.type] += normalize(session.ask(qa.question)) == normalize(qa.answer)
+        for key, (split, how) in ASKED.items():
+            for qa in wordings[split]:
+                answer = getattr(session, how)(qa.question)
+                ok = normalize(answer) == normalize(qa.answer)
+                right[key][qa.type] += ok
+                if not ok and len(wrong_answers) < 10:
+                    wrong_answers.append({"asked": key, "question": qa.question, "answer": qa.answer, "got": answer})
         if progress:
             progress(n, len(scenes))
-    return {
+    total = max(1, sum(asked.values()))
+    result = {
         "model": model.label,
         "images": len(scenes),
         "seed": seed,
         "caption_exact": exact / len(scenes),
         "caption_token_f1": f1 / len(scenes),
-        "vqa": sum(right.values()) / max(1, sum(asked.values())),
-        "vqa_by_type": {t: right[t] / asked[t] for t in QUESTION_TYPES if asked[t]},
-        "questions": sum(asked.values()),
-        "caption_failures": failures,
-        "seconds": time.perf_counter() - t0,
     }
+    for key in ASKED:
+        result[key] = sum(right[key].values()) / total
+        result[f"{key}_by_type"] = {t: right[key][t] / asked[t] for t in QUESTION_TYPES if asked[t]}
+    result.update(questions=sum(asked.values()), caption_failures=failures, wrong_answers=wrong_answers,
+                  seconds=time.perf_counter() - t0)
+    return result
 
 
 def format_table(results: list[dict]) -> str:
-    """A Markdown table, one row per model, percentages."""
-    cols = ["caption EM", "token F1", "VQA"] + [f"VQA {t}" for t in QUESTION_TYPES]
+    """A Markdown table, one row per model, percentages (by type: the ``[vqa]`` template, trained wordings)."""
+    cols = ["caption EM", "token F1"] + list(COLUMNS.values()) + [f"VQA {t}" for t in QUESTION_TYPES]
     lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for r in results:
-        figures = [r["caption_exact"], r["caption_token_f1"], r["vqa"]] + [r["vqa_by_type"].get(t) for t in QUESTION_TYPES]
+        figures = [r["caption_exact"], r["caption_token_f1"]] + [r.get(key) for key in COLUMNS]
+        figures += [r["vqa_by_type"].get(t) for t in QUESTION_TYPES]
         cells = ["—" if x is None else f"{100 * x:.1f}" for x in figures]
         lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -7,6 +7,7 @@ purpose, so a model of a few million parameters can learn it exactly:
     scene.render()          # PIL image, IMAGE_SIZE x IMAGE_SIZE
     scene.caption()         # "a large red circle left of a small blue square"
     scene.questions()       # [QA(question="what colour is the circle?", answer="red", type="colour"), ...]
+    scene.questions("held_out")  # the same six, in wordings training never sees (questions.py)
 
 A scene holds 1-3 shapes in distinct slots of a plus-shaped layout (left, top, centre, bottom,
 right); no two shapes share both colour and kind, so every question names one shape. Everything is
@@ -91,29 +92,11 @@ class Scene:
         parts = [f"{x.phrase} {WHERE[x.slot]}" for x in s]
         return parts[0] if len(parts) == 1 else f"{parts[0]}, {parts[1]} and {parts[2]}"
 
-    def questions(self) -> list[QA]:
-        """Question/answer pairs about the scene, at least one of each type (chosen by ``seed``)."""
-        rng = random.Random(self.seed)
-        kinds = [x.kind for x in self.shapes]
-        qas = []
-        unique = [x for x in self.shapes if kinds.count(x.kind) == 1]
-        if unique:
-            x = rng.choice(unique)
-            qas.append(QA(f"what colour is the {x.kind}?", x.colour, "colour"))
-        else:  # two shapes of one kind: name the shape by its slot instead
-            x = rng.choice(self.shapes)
-            qas.append(QA(f"what colour is the {x.kind} {WHERE[x.slot]}?", x.colour, "colour"))
-        kind = rng.choice(kinds if rng.random() < 0.5 else KINDS)  # not mostly "zero"
-        qas.append(QA(f"how many {kind}s are there?", NUMBERS[kinds.count(kind)], "count"))
-        qas.append(QA("how many shapes are there?", NUMBERS[len(self.shapes)], "count"))
-        present = rng.choice(self.shapes)
-        qas.append(QA(f"is there a {present.name}?", "yes", "exist"))
-        names = {x.name for x in self.shapes}
-        absent = rng.choice([f"{c} {k}" for c in COLOURS for k in KINDS if f"{c} {k}" not in names])
-        qas.append(QA(f"is there a {absent}?", "no", "exist"))
-        x = rng.choice(self.shapes)
-        qas.append(QA(f"where is the {x.name}?", x.slot, "position"))
-        return qas
+    def questions(self, split: str = "trained") -> list[QA]:
+        """Six question/answer pairs about the scene, worded from ``split``'s frames (``questions.ask``)."""
+        from tinyv.demo.questions import ask
+
+        return ask(self, split)
 
 
 def relation(a: Shape, b: Shape) -> str:

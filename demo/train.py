@@ -5,8 +5,10 @@
         --qformer OUT/blip2_pretrained_flant5xxl.pth --stage OUT/TinyGPT-V_for_Stage4.pth
 
 Every example is exactly what the runtime feeds the model: ``prompts.build_prompt(stage, ...)``
-for a caption or a VQA question, split at ``<ImageHere>``, each text part tokenized on its own
-(no BOS), the image's query embeddings between them. The loss is on the answer tokens and the
+for a caption, a ``[vqa]`` question (``tinyv ask``) or a free question in the chat template
+(``tinyv chat``; half the questions each, worded from ``questions.py``'s trained frames), split at
+``<ImageHere>``, each text part tokenized on its own (no BOS), the image's query embeddings
+between them. The loss is on the answer tokens and the
 stop string ``###`` that follows them, which is where the runtime cuts the answer. Each image in a
 batch is encoded once and serves its caption and all its questions.
 
@@ -52,6 +54,10 @@ from tinyv.engine.image import preprocess
 from tinyv.engine.tokenizer import Tokenizer
 
 QUESTIONS_PER_IMAGE = 6  # plus one caption per image; a scene has 6 questions, so all of them
+# share of questions put in the [vqa] template (`tinyv ask`); the rest go into the chat template as
+# they are, which is what `tinyv chat`, `caption -q` and the API's free questions send
+VQA_SHARE = 0.5
+LENGTH_GROUPS = 2  # batches of similar length per step (less padding; measured on 2 cores: see sequence_loss)
 WARMUP_STEPS = 100
 TIMING_STEPS = 20  # steps measured before planning the rest when --minutes is given
 GRID = 3  # the scenes' 3x3 grid: one demo ViT patch per cell
@@ -99,7 +105,7 @@ def make_batch(rng: random.Random, builder: PromptBuilder, images: int, size: in
     """``images`` new scenes: pixels [B, 3, S, S], per sequence (image index, after ids, answer ids), and
     the scenes' labels for the auxiliary vision loss (``scene_labels`` stacked over the batch).
     Each image gives one caption and ``questions`` of its question/answer pairs (all when it has
-    fewer). Without ``with_text`` the sequence list is empty (the vision-only steps)."""
+    fewer), each in the ``[vqa]`` template or the chat template (``VQA_SHARE``). Without ``with_text`` the sequence list is empty (the vision-only steps)."""
     pixels, seqs, labels = [], [], []
     for i in range(images):
         scene = make_scene(rng)
@@ -110,7 +116,8 @@ def make_batch(rng: random.Random, builder: PromptBuilder, images: int, size: in
         seqs.append((i, *builder.example(None, "caption", scene.caption())))
         qas = scene.questions()
         for qa in rng.sample(qas, min(questions, len(qas))):
-            seqs.append((i, *builder.example(qa.question, "vqa", qa.answer)))
+            task = "vqa" if rng.random() < VQA_SHARE else "caption"  # "caption" with a question: the chat template
+            seqs.append((i, *builder.example(qa.question, task, qa.answer)))
     return torch.cat(pixels), seqs, {k: torch.stack([x[k] for x in labels]) for k in labels[0]}
 
 
@@ -180,8 +187,22 @@ def encode_images(model, pixels: torch.Tensor, intermediates: bool = False):
     return (embeds, vit_tokens, queries) if intermediates else embeds
 
 
-def sequence_loss(model, before: list[int], image_embeds: torch.Tensor, seqs) -> torch.Tensor:
-    """Mean cross-entropy of the answer tokens given [before | image | after], right-padded."""
+def sequence_loss(model, before: list[int], image_embeds: torch.Tensor, seqs, groups: int = LENGTH_GROUPS) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens given [before | image | after], right-padded.
+
+    The sequences run in ``groups`` batches of similar length: a short chat question is not padded
+    to the longest caption (the mean is over all answer tokens, as in one batch)."""
+    ordered = sorted(seqs, key=lambda s: len(s[1]) + len(s[2]))
+    size = math.ceil(len(ordered) / max(1, groups))
+    total, count = 0.0, 0
+    for k in range(0, len(ordered), size):
+        loss_sum, n = _padded_loss(model, before, image_embeds, ordered[k:k + size])
+        total, count = total + loss_sum, count + n
+    return total / count
+
+
+def _padded_loss(model, before: list[int], image_embeds: torch.Tensor, seqs) -> tuple[torch.Tensor, int]:
+    """(summed cross-entropy, answer tokens) of ``seqs`` padded to the longest of them."""
     nb, nq = len(before), image_embeds.shape[1]
     length = nb + nq + max(len(a) + len(ans) for _, a, ans in seqs)
     ids = torch.zeros(len(seqs), length, dtype=torch.long)
@@ -197,7 +218,8 @@ def sequence_loss(model, before: list[int], image_embeds: torch.Tensor, seqs) ->
     index = torch.tensor([i for i, _, _ in seqs])
     embeds = torch.cat([embeds[:, :nb], image_embeds[index], embeds[:, nb + nq:]], dim=1)
     logits = model.phi.logits(model.phi(embeds))
-    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    return loss, int((labels != -100).sum())
 
 
 def lr_at(step: int, total: int, peak: float) -> float:
