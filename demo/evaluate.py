@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
+from tinyv.demo.questions import SPLITS
 from tinyv.demo.scenes import QUESTION_TYPES, make_scenes
 
 # result key -> (question wordings, how asked); "vqa" is the [vqa] template on trained wordings
@@ -121,7 +122,7 @@ def evaluate(model: Model, images: int = DEFAULT_IMAGES, seed: int = HELD_OUT_SE
         f1 += token_f1(text, ref)
         if normalize(text) != normalize(ref) and len(failures) < 5:
             failures.append({"reference": ref, "caption": text})
-        wordings = {split: scene.questions(split) for split in ("trained", "held_out")}
+        wordings = {split: scene.questions(split) for split in SPLITS}
         for qa in wordings["trained"]:
             asked[qa.type] += 1
         for key, (split, how) in ASKED.items():

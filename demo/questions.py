@@ -4,9 +4,10 @@ Every scene gets six questions: the colour of one shape, how many of one kind, h
 whether a present and an absent shape are there, and where one shape is. Each is put into words
 with a frame ("what is the colour of {ref}?") and a way of naming the shape ("the diamond", "the
 large purple diamond", "the diamond on the left"; any that names exactly one shape), with a
-capital first letter or no question mark now and then, as people type. The frames are split:
-training sees only ``TRAINED``; ``HELD_OUT`` frames are asked only by ``tinyv eval``, so it can tell
-a model that learned the scene language from one that learned a list of sentences. The held-out
+capital first letter or no question mark now and then, as people type. Each type's frames are
+split (``FRAMES[type]``): training sees only the ``trained`` ones; the ``held_out`` ones are asked
+only by ``tinyv eval``, so it can tell a model that learned the scene language from one that
+learned a list of sentences. The held-out
 frames recombine words training has seen ("image" is in the caption request), so a miss is the
 model's, not the tokenizer's.
 
@@ -58,13 +59,13 @@ def ask(scene, split: str = "trained") -> list[QA]:
     shapes = scene.shapes
     kinds = [x.kind for x in shapes]
 
-    def word(kind: str, answer: str, **fields) -> QA:
-        text = how.choice(FRAMES[kind][split]).format(**fields)
+    def word(question_type: str, answer: str, **fields) -> QA:
+        text = how.choice(FRAMES[question_type][split]).format(**fields)
         if how.random() < CAPITALIZED:
             text = text[0].upper() + text[1:]
         if text.endswith("?") and how.random() < NO_QUESTION_MARK:
             text = text[:-1]
-        return QA(text, answer, kind)
+        return QA(text, answer, question_type)
 
     qas = []
     x = what.choice(shapes)

@@ -11,8 +11,9 @@
   written tensor by tensor from the model's own storage (ViT-g is ~1B parameters, 4.4 GB in
   fp32, and the caller still holds the torch model);
 * ``vision_quant``: ``int8`` is ONNX Runtime dynamic quantization of the ViT's weight MatMuls
-  (``INT8_MODULE``; the Q-Former and the projection stay fp32) with signed int8 weights, done in pieces of at most ``onnx_pieces.PIECE_BYTES`` of weights
-  (``quantize_dynamic`` keeps about three copies of the model it is given) and joined again;
+  (``INT8_MODULE``; the Q-Former and the projection stay fp32) with signed int8 weights, done in
+  pieces of at most ``onnx_pieces.PIECE_BYTES`` of weights (``quantize_dynamic`` keeps about
+  three copies of the model it is given) and joined again;
 * ``vision_verify``: the graph is run on ``probe_images()`` and compared with the torch model
   (torch reference first, before any ONNX Runtime session exists; an fp32 graph of more than
   ``WHOLE_RUN_BYTES`` is checked piece by piece);
