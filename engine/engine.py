@@ -107,7 +107,8 @@ class Engine:
             prefix_cache_bytes = min(prefix_cache_bytes, placement.plan.prefix_cache_bytes)
         else:
             kernels = native.open_kernels(threads, setting)
-            phi = build_quant_phi(phi_cfg, tensors, quant, kernels=kernels)
+            # the mapping is this engine's own (private): int4 weights are repacked in it
+            phi = build_quant_phi(phi_cfg, tensors, quant, kernels=kernels, repack_in_place=True)
         if announce and device != "cpu":
             announce(f"tinyv: {gpu.placement_line(placement, phi)}")
         tok_info = manifest["tokenizer"]

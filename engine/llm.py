@@ -22,7 +22,7 @@ from tinyv.engine.phi import PhiForCausalLM, Rotary
 from tinyv.kernels.decoder import DecoderDims, FusedDecoder
 from tinyv.kernels.linear import QuantLinear
 from tinyv.kernels.native import Kernels
-from tinyv.kernels.quant import QuantConfig
+from tinyv.kernels.quant import X16, QuantConfig
 
 LAYER_LINEARS = ("self_attn.query_key_value", "self_attn.dense", "mlp.fc1", "mlp.fc2")
 
@@ -37,12 +37,19 @@ def stored_keys(name: str, qcfg: QuantConfig) -> tuple[str, ...]:
 
 
 def build_quant_phi(cfg: PhiConfig, tensors: Mapping[str, torch.Tensor], qcfg: QuantConfig,
-                    kernels: Kernels | None = None) -> PhiForCausalLM:
+                    kernels: Kernels | None = None, repack_in_place: bool = False) -> PhiForCausalLM:
     """A ``PhiForCausalLM`` whose Linears are ``QuantLinear`` over ``tensors`` (not copied), all
-    running on ``kernels`` (None: the torch path)."""
+    running on ``kernels`` (None: the torch path).
+
+    Where the kernels run int4 in their x16 layout (AVX-512 VNNI), every int4 Linear is repacked
+    to it: in ``tensors`` themselves when ``repack_in_place`` (the engine's private mapping of the
+    bundle: the repacked pages replace the file's, one resident copy), else in a copy, so the
+    caller's tensors stay in the stored layout."""
     with torch.device("meta"):
         phi = PhiForCausalLM(cfg)
     used = set()
+    x16 = (kernels is not None and kernels.x16 and qcfg.bits == 4
+           and all(phi.get_submodule(n).out_features % X16 == 0 for n in linear_names(cfg)))
 
     def take(key: str) -> torch.Tensor:
         if key not in tensors:
@@ -53,7 +60,10 @@ def build_quant_phi(cfg: PhiConfig, tensors: Mapping[str, torch.Tensor], qcfg: Q
     for name in linear_names(cfg):
         old = phi.get_submodule(name)
         stored = {k.rsplit(".", 1)[1]: take(k) for k in stored_keys(name, qcfg)}
-        new = QuantLinear(old.in_features, old.out_features, qcfg, stored, take(f"{name}.bias"), kernels=kernels)
+        if x16:
+            stored = _repacked(name, stored, (old.out_features, old.in_features), kernels, qcfg, repack_in_place)
+        new = QuantLinear(old.in_features, old.out_features, qcfg, stored, take(f"{name}.bias"), kernels=kernels,
+                          x16=x16)
         parent, _, attr = name.rpartition(".")
         setattr(phi.get_submodule(parent) if parent else phi, attr, new)
     for key, param in list(phi.named_parameters()):
@@ -70,6 +80,24 @@ def build_quant_phi(cfg: PhiConfig, tensors: Mapping[str, torch.Tensor], qcfg: Q
         phi.decoder = fused_decoder(phi, qcfg, kernels)
         phi.kv_dtype = torch.float16  # the fused step reads and writes it directly
     return phi.eval()
+
+
+def _repacked(name: str, stored: dict, shape: tuple[int, int], kernels: Kernels, qcfg: QuantConfig,
+              in_place: bool) -> dict:
+    """``stored`` (qweight, scales) of the Linear ``name`` [out, in] in the kernels' x16 layout:
+    rewritten in place, or in a copy. The shapes are checked first (the C repack trusts them)."""
+    qweight, scales = stored["qweight"], stored["scales"]
+    n, k = shape
+    want = {"qweight": ((n, k // 2), torch.uint8), "scales": ((n, k // qcfg.group_size), torch.float16)}
+    for key, t in (("qweight", qweight), ("scales", scales)):
+        if (tuple(t.shape), t.dtype) != want[key]:
+            raise TinyVError(f"the bundle's {name}.{key} is {list(t.shape)} {t.dtype}, expected "
+                             f"{list(want[key][0])} {want[key][1]}: re-export the bundle")
+    if not in_place or not (qweight.is_contiguous() and scales.is_contiguous()):
+        qweight = qweight.clone(memory_format=torch.contiguous_format)
+        scales = scales.clone(memory_format=torch.contiguous_format)
+    kernels.pack_x16(qweight, scales, qcfg.group_size)
+    return {"qweight": qweight, "scales": scales}
 
 
 def decode_setting() -> str:
@@ -102,7 +130,8 @@ def fused_decoder(phi: PhiForCausalLM, qcfg: QuantConfig, kernels: Kernels) -> F
             "lm_head": linear(phi.lm_head)}
     cos, sin = phi.rotary.cos_sin(0, cfg.max_positions)
     dims = DecoderDims(cfg.hidden, cfg.layers, cfg.heads, cfg.head_dim, cfg.rotary_dim, cfg.intermediate,
-                       cfg.vocab_size, cfg.max_positions, qcfg.bits, qcfg.group_size, cfg.eps, cfg.rms_eps)
+                       cfg.vocab_size, cfg.max_positions, qcfg.bits, qcfg.group_size, cfg.eps, cfg.rms_eps,
+                       x16=phi.lm_head.x16)
     return FusedDecoder(kernels, dims, layers, head, cos, sin)
 
 

@@ -42,11 +42,12 @@ class DecoderDims:
     group: int
     eps: float
     rms_eps: float
+    x16: bool = False  # every Linear repacked in place to the AVX-512 x16 layout (Kernels.pack_x16)
 
 
 class _Dims(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int) for n in ("hidden", "layers", "heads", "head_dim", "rotary_dim", "intermediate",
-                                             "vocab", "max_positions", "bits", "group")] + [
+                                             "vocab", "max_positions", "bits", "group", "x16")] + [
         ("eps", ctypes.c_float), ("rms_eps", ctypes.c_float), ("rope_cos", _p), ("rope_sin", _p)]
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinyv.kernels.native import Kernels
-from tinyv.kernels.quant import QuantConfig, dequantize_weight
+from tinyv.kernels.quant import X16, QuantConfig, dequantize_weight, unpack_x16
 
 ROW_BLOCK = 2048  # rows dequantized at a time: bounds the fp32 transient (2048 x 10240 x 4 B = 84 MB)
 
@@ -26,8 +26,11 @@ class QuantLinear(nn.Module):
     path; the route is fixed here, so a layer never changes path under a running engine."""
 
     def __init__(self, in_features: int, out_features: int, cfg: QuantConfig, stored: dict, bias: torch.Tensor | None,
-                 kernels: Kernels | None = None):
+                 kernels: Kernels | None = None, x16: bool = False):
         super().__init__()
+        if x16 and (kernels is None or not kernels.x16 or cfg.bits != 4):
+            raise ValueError("the x16 layout is the int4 layout of kernels that run it")
+        self.x16 = x16  # the stored int4 weight was repacked in place to the kernels' x16 layout
         self.in_features, self.out_features, self.cfg = in_features, out_features, cfg
         for name, t in stored.items():
             self.register_buffer(name, t, persistent=False)
@@ -39,6 +42,11 @@ class QuantLinear(nn.Module):
 
     def weight_rows(self, start: int, end: int) -> torch.Tensor:
         """fp32 rows start..end of the weight."""
+        if self.x16:  # whole 16-row blocks back to the stored form, then the rows asked for
+            b0, b1 = start // X16 * X16, -(-end // X16) * X16
+            qweight, scales = unpack_x16(self.qweight[b0:b1], self.scales[b0:b1], self.cfg.group_size)
+            w = dequantize_weight({"qweight": qweight, "scales": scales}, self.cfg)
+            return w[start - b0 : end - b0]
         names = ("weight",) if self.cfg.bits == 16 else ("qweight", "scales")
         return dequantize_weight({n: getattr(self, n)[start:end] for n in names}, self.cfg)
 
@@ -54,7 +62,8 @@ class QuantLinear(nn.Module):
             return self.reference_forward(x)
         if self._bf16(x):
             return self.bf16_forward(x)
-        return self.kernels.qgemm(x, self.qweight, self.scales, self.cfg.bits, self.cfg.group_size, self.bias)
+        return self.kernels.qgemm(x, self.qweight, self.scales, self.cfg.bits, self.cfg.group_size, self.bias,
+                                  x16=self.x16)
 
     def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
         """``gelu_tanh(self(x))``, with the GELU in the kernel's epilogue (no extra pass)."""
@@ -63,7 +72,7 @@ class QuantLinear(nn.Module):
         if self._bf16(x):
             return F.gelu(self.bf16_forward(x), approximate="tanh")
         return self.kernels.qgemm(x, self.qweight, self.scales, self.cfg.bits, self.cfg.group_size, self.bias,
-                                  gelu=True)
+                                  gelu=True, x16=self.x16)
 
     def bf16_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Many rows: weight blocks dequantized to bf16, a bf16 matmul (fp32 accumulation in
@@ -84,7 +93,7 @@ class QuantLinear(nn.Module):
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
     def extra_repr(self) -> str:
-        route = "torch" if self.kernels is None else self.kernels.isa
+        route = "torch" if self.kernels is None else self.kernels.isa + (" x16" if self.x16 else "")
         return (f"in={self.in_features}, out={self.out_features}, bits={self.cfg.bits}, group={self.cfg.group_size}, "
                 f"route={route}")
 

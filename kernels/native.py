@@ -26,7 +26,7 @@ import weakref
 import torch
 
 ISA_NAMES = ("scalar", "avx2", "avx512-vnni", "neon", "neon-dotprod", "neon-i8mm")  # by the C ABI's number
-ABI_VERSION = 4
+ABI_VERSION = 5
 # setting -> the C ABI's ISA number
 _FORCED_ISA = {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 3, "neon-dotprod": 4, "neon-i8mm": 5}
 # a forcing setting -> the path it runs where the CPU has it (tests and benchmarks iterate over it)
@@ -35,6 +35,7 @@ PATH_OF_SETTING = {setting: ISA_NAMES[isa] for setting, isa in _FORCED_ISA.items
 _FEATURE_BITS = ((1, "avx2"), (2, "avx512-vnni"), (4, "neon"), (8, "neon-dotprod"), (16, "neon-i8mm"))
 _BEST_ISA = -1
 _FLAG_GELU = 1
+_FLAG_X16 = 2
 _RC_BUSY = -2
 # Measured on the 2-core AVX-512 BF16 EPYC, Phi-2's 8-bit layers, 2 threads, GOP/s native vs bf16:
 # M=128 74-77 vs 51-58, M=256 69-93 vs 94-100, M=512 71-83 vs 146-154. (4-bit: native 115-165 at
@@ -90,6 +91,8 @@ def _open_library(path: str) -> tuple[ctypes.CDLL | None, str]:
     lib.tv_qgemm.argtypes = [  # ctx, M, N, K, x, ldx, w, scales, G, bits, bias, y, ldy, flags
         ctx_p, c_int, c_int, c_int, ptr, ctypes.c_long, ptr, ptr, c_int, c_int, ptr, ptr, ctypes.c_long, c_int,
     ]
+    lib.tv_pack_q4_x16.restype = c_int
+    lib.tv_pack_q4_x16.argtypes = [ctx_p, c_int, c_int, c_int, ptr, ptr]  # ctx, N, K, G, w, scales
     # the fused decode step (kernels/decoder.py declares the structs)
     lib.tv_phi_new.restype, lib.tv_phi_new.argtypes = ptr, [ptr]
     lib.tv_phi_free.restype, lib.tv_phi_free.argtypes = None, [ptr]
@@ -191,6 +194,9 @@ class Kernels:
         self.isa: str = ISA_NAMES[lib.tv_ctx_isa(ctx)]
         self.threads: int = lib.tv_ctx_threads(ctx)
         self.bf16_prefill_rows: int | None = bf16_prefill_rows
+        # int4 weights run repacked to the x16 layout (kernels/csrc/kernels_x16.h) on this path:
+        # 3-4x the prefill GEMM of the stored layout there (57 -> 167 GMAC/s a core at M = 64)
+        self.x16: bool = self.isa == "avx512-vnni"
 
     def __repr__(self) -> str:
         state = "" if self._free.alive else ", closed"
@@ -209,9 +215,25 @@ class Kernels:
             raise RuntimeError(f"{self!r} is closed")
         return self._lib, self._ctx
 
+    def pack_x16(self, qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> None:
+        """Rewrite an int4 weight (``qweight`` uint8 [N, K/2], ``scales`` fp16 [N, K/g], contiguous,
+        N a multiple of 16) in place into the x16 layout; only where ``self.x16``."""
+        if not self.x16:
+            raise ValueError(f"{self!r} does not run the x16 layout")
+        if not (qweight.is_contiguous() and scales.is_contiguous() and qweight.dtype == torch.uint8
+                and scales.dtype == torch.float16):
+            raise ValueError("pack_x16 takes contiguous uint8 codes and fp16 scales")
+        n, k = qweight.shape[0], 2 * qweight.shape[1]
+        rc = self._lib.tv_pack_q4_x16(self._ctx, n, k, group_size, qweight.data_ptr(), scales.data_ptr())
+        if rc == _RC_BUSY:
+            raise RuntimeError(f"{self!r} was called from two threads at once: open one Kernels per thread")
+        if rc != 0:
+            raise ValueError(f"pack_x16 cannot take N={n} K={k} group={group_size}")
+
     def qgemm(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
-              bias: torch.Tensor | None = None, gelu: bool = False) -> torch.Tensor:
-        """``x [..., K] · W^T + bias`` (then GELU-tanh if asked) with W in the bundle's stored form."""
+              bias: torch.Tensor | None = None, gelu: bool = False, x16: bool = False) -> torch.Tensor:
+        """``x [..., K] · W^T + bias`` (then GELU-tanh if asked) with W in the bundle's stored form,
+        or int4 in the x16 layout (``pack_x16``) when ``x16``."""
         if not self._free.alive:
             raise RuntimeError(f"{self!r} is closed")
         K = x.shape[-1]
@@ -227,7 +249,8 @@ class Kernels:
             bias = bias.float().contiguous()
         rc = self._lib.tv_qgemm(
             self._ctx, M, N, K, x2.data_ptr(), x2.stride(0), qweight.data_ptr(), scales.data_ptr(), group_size,
-            bits, None if bias is None else bias.data_ptr(), y.data_ptr(), N, _FLAG_GELU if gelu else 0,
+            bits, None if bias is None else bias.data_ptr(), y.data_ptr(), N,
+            (_FLAG_GELU if gelu else 0) | (_FLAG_X16 if x16 else 0),
         )
         if rc == _RC_BUSY:
             raise RuntimeError(f"{self!r} was called from two threads at once: open one Kernels per thread")

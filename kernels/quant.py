@@ -108,6 +108,26 @@ def unpack_int4(packed: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.cat([lo, hi], dim=-1).reshape(n, 2 * k2)
 
 
+X16 = 16  # output columns per block of the x16 layout
+
+
+def unpack_x16(packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored int4 form (``qweight`` [N, K/2] in Q4_0 order, ``scales`` [N, K/g]) of a weight
+    the kernels repacked in place to their x16 layout (``kernels/csrc/kernels_x16.h``): per block
+    of 16 rows, per group and 8-element piece, 64 bytes whose lane ``l`` (4 bytes) holds row
+    ``16b + l``'s elements ``8p .. 8p+3`` (low nibbles) and ``8p+4 .. 8p+7`` (high); scales
+    ``[K/g, 16]`` per block."""
+    n, k2 = packed.shape
+    k, g = 2 * k2, group_size
+    ng, pieces = k // g, g // 8
+    b = packed.reshape(n // X16, ng, pieces, X16, 4)
+    lo, hi = (b & 0x0F).to(torch.int8) - 8, (b >> 4).to(torch.int8) - 8
+    codes = torch.cat([lo, hi], dim=-1)  # [blocks, ng, pieces, 16, 8]: element 8p + j of group g
+    codes = codes.permute(0, 3, 1, 2, 4).reshape(n, k)
+    stored_scales = scales.reshape(n // X16, ng, X16).permute(0, 2, 1).reshape(n, ng)
+    return pack_int4(codes, g), stored_scales.contiguous()
+
+
 def quantize_weight(w: torch.Tensor, cfg: QuantConfig) -> dict[str, torch.Tensor]:
     """The stored form of one Linear weight: {'qweight', 'scales'} (or {'weight'} at 16 bits)."""
     if cfg.bits == 16:

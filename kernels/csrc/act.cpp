@@ -7,13 +7,17 @@
 
 namespace tinyv {
 
-Act::Act(int M_, int K_, int G_, int bits_) : M(M_), K(K_), G(G_), bits(bits_) {
-    Kp = bits == 4 ? (K + 127) / 128 * 128 : (K + 63) / 64 * 64;
+Act::Act(int M_, int K_, int G_, int bits_, bool natural_) : M(M_), K(K_), G(G_), bits(bits_), natural(natural_) {
+    Kp = natural ? K : bits == 4 ? (K + 127) / 128 * 128 : (K + 63) / 64 * 64;
     Kp = (Kp + G - 1) / G * G;
     q.assign((size_t)M * Kp, 0);
+    gs.assign((size_t)M * (Kp / G), 0.f);
+    if (natural) {
+        ginit.assign((size_t)M * (Kp / G), 0);
+        return;
+    }
     ls.assign((size_t)M * lanes(), 0.f);
     if (bits == 4) init.assign((size_t)M * lanes(), 0);
-    gs.assign((size_t)M * (Kp / G), 0.f);
 }
 
 void quantize_rows(const float* x, long ldx, Act& a, int m0, int m1) {
@@ -31,6 +35,15 @@ void quantize_rows(const float* x, long ldx, Act& a, int m0, int m1) {
             for (int k = s; k < s + G; k++) nat[k] = k < e ? (int8_t)std::nearbyint(xr[k] * inv) : 0;
         }
         int8_t* q = &a.q[(long)m * Kp];
+        if (a.natural) {
+            std::memcpy(q, nat.data(), Kp);
+            for (int g = 0; g < ngroups; g++) {
+                int s = 0;
+                for (int k = g * G; k < (g + 1) * G; k++) s += q[k];
+                a.ginit[(long)m * ngroups + g] = -8 * s;
+            }
+            continue;
+        }
         float* ls = &a.ls[(long)m * lanes];
         if (a.bits == 8) {
             std::memcpy(q, nat.data(), Kp);

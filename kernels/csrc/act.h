@@ -8,6 +8,8 @@
 // int8 weights: natural order, K padded to a multiple of 64; lane l covers elements 4l..4l+3.
 // Per lane: the combined activation scale `ls` and, for int4, `init` = -8 × (sum of the lane's
 // activation bytes) — the q+8 offset of the weight codes, removed in integer arithmetic.
+// `natural` (int4 weights in the x16 layout, kernels_x16.h): codes in natural order, K padded to
+// G only, and per group `ginit` = -8 x the sum of its codes instead of per-lane `ls` / `init`.
 #pragma once
 
 #include <cstdint>
@@ -17,13 +19,15 @@ namespace tinyv {
 
 struct Act {
     int M = 0, K = 0, Kp = 0, G = 0, bits = 0;
+    bool natural = false;
     std::vector<int8_t> q;       // [M, Kp]
     std::vector<float> ls;       // [M, lanes]
     std::vector<int32_t> init;   // [M, lanes] (int4 only)
     std::vector<float> gs;       // [M, Kp / G] activation scale per group
+    std::vector<int32_t> ginit;  // [M, Kp / G] (natural only)
 
     // Zeroed buffers for M rows of K elements against `bits`-bit weights in groups of G.
-    Act(int M, int K, int G, int bits);
+    Act(int M, int K, int G, int bits, bool natural = false);
     int lanes() const { return bits == 4 ? Kp / 8 : Kp / 4; }
 };
 

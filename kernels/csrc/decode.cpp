@@ -49,8 +49,9 @@ struct tv_phi {
     long prof_steps = 0;
 
     explicit tv_phi(const tv_phi_dims& dims)
-        : d(dims), layers(dims.layers), layer_set(dims.layers, 0), act_h(0, dims.hidden, dims.group, dims.bits),
-          act_attn(0, dims.hidden, dims.group, dims.bits), act_ff(0, dims.intermediate, dims.group, dims.bits) {
+        : d(dims), layers(dims.layers), layer_set(dims.layers, 0), act_h(0, dims.hidden, dims.group, dims.bits, dims.x16),
+          act_attn(0, dims.hidden, dims.group, dims.bits, dims.x16),
+          act_ff(0, dims.intermediate, dims.group, dims.bits, dims.x16) {
         reserve(1);
     }
 
@@ -61,9 +62,9 @@ struct tv_phi {
         x.resize(M * H), h.resize(M * H), qkv.resize(3 * M * H), attn.resize(M * H), dense_out.resize(M * H);
         ff.resize((size_t)M * d.intermediate), ff_out.resize(M * H);
         scores.resize((size_t)M * d.heads * d.max_positions);
-        act_h = tinyv::Act(M, d.hidden, d.group, d.bits);
-        act_attn = tinyv::Act(M, d.hidden, d.group, d.bits);
-        act_ff = tinyv::Act(M, d.intermediate, d.group, d.bits);
+        act_h = tinyv::Act(M, d.hidden, d.group, d.bits, d.x16);
+        act_attn = tinyv::Act(M, d.hidden, d.group, d.bits, d.x16);
+        act_ff = tinyv::Act(M, d.intermediate, d.group, d.bits, d.x16);
         rows = M;
     }
 };
@@ -115,7 +116,7 @@ void gemv_task(void* p, int i, int n) {
 
 Job gemv_job(const tv_ctx* ctx, const tv_phi& m, int M, const tv_qlinear& L, const Act& a, int N, float* y, bool gelu) {
     // the SIMD paths apply GELU vectorized after the span; the scalar reference in its epilogue
-    const int flags = gelu && ctx->isa == ISA_SCALAR ? FLAG_GELU : 0;
+    const int flags = (gelu && ctx->isa == ISA_SCALAR ? FLAG_GELU : 0) | (m.d.x16 ? FLAG_X16 : 0);
     return Job{M, N, a.K, m.d.group, m.d.bits, flags, ctx->isa, &a, (const uint8_t*)L.w, L.scales, L.bias, y, N};
 }
 
@@ -227,7 +228,8 @@ TV_EXPORT tv_phi* tv_phi_new(const tv_phi_dims* d) {
         d->hidden != d->heads * d->head_dim || d->rotary_dim < 0 || d->rotary_dim % 2 || d->rotary_dim > d->head_dim ||
         d->intermediate <= 0 || d->vocab <= 0 || d->max_positions <= 0 || (d->bits != 4 && d->bits != 8) ||
         (d->group != 32 && d->group != 64 && d->group != 128) || d->hidden % d->group || d->intermediate % d->group ||
-        !d->rope_cos || !d->rope_sin)
+        !d->rope_cos || !d->rope_sin ||
+        (d->x16 && (d->x16 != 1 || d->bits != 4 || d->hidden % 16 || d->intermediate % 16 || d->vocab % 16)))
         return nullptr;
     try {
         return new tv_phi(*d);
@@ -261,7 +263,8 @@ TV_EXPORT int tv_decode_batch(tv_ctx* ctx, tv_phi* m, int M, const float* x, con
                               void* const* v, const int* kv_len, int kv_fp16, float* logits) {
     using namespace tinyv;
     if (!ctx || !m || M <= 0 || !x || !pos || !k || !v || !kv_len || !logits || !m->head_set ||
-        std::find(m->layer_set.begin(), m->layer_set.end(), 0) != m->layer_set.end())
+        std::find(m->layer_set.begin(), m->layer_set.end(), 0) != m->layer_set.end() ||
+        (m->d.x16 && ctx->isa != ISA_AVX512VNNI))  // x16 weights run on the AVX-512 VNNI kernels only
         return -1;
     for (int s = 0; s < M; s++)
         if (!k[s] || !v[s] || pos[s] < 0 || pos[s] >= kv_len[s] || pos[s] >= m->d.max_positions) return -1;

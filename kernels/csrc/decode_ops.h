@@ -50,7 +50,7 @@ inline void kv_store(uint16_t* p, float v) { *p = float_to_half(v); }
 
 // Elements of one quantization unit: the span a thread may quantize on its own (int4: a 128-
 // element chunk of the permuted layout; int8: a group, at least 64 so lanes stay whole).
-inline int quant_unit(const Act& a) { return a.bits == 4 ? 128 : std::max(64, a.G); }
+inline int quant_unit(const Act& a) { return a.natural ? a.G : a.bits == 4 ? 128 : std::max(64, a.G); }
 
 // One group of G values to int8 codes (scale absmax/127, round half to even); returns the scale.
 struct GroupScalar {
@@ -95,12 +95,22 @@ void quantize_span(const float* x, Act& a, int m, int e0, int e1) {
     const int K = a.K, G = a.G, lanes_per_group = G / 4;
     int8_t* const qrow = &a.q[(size_t)m * a.Kp];
     float* const gs = &a.gs[(size_t)m * (a.Kp / G)];
-    float* const ls = &a.ls[(size_t)m * a.lanes()];
     auto group = [&](int g, int8_t* dst) {
         const float d = g * G < K ? Group::run(x + g * G, G, dst) : (std::memset(dst, 0, G), 0.f);
         gs[g] = d;
         return d;
     };
+    if (a.natural) {  // x16 weights: natural order, per group -8 x the sum of its codes
+        for (int g = e0 / G; g < e1 / G; g++) {
+            int8_t* q = &qrow[g * G];
+            group(g, q);
+            int s = 0;
+            for (int k = 0; k < G; k++) s += q[k];
+            a.ginit[(size_t)m * (a.Kp / G) + g] = -8 * s;
+        }
+        return;
+    }
+    float* const ls = a.ls.data() + (size_t)m * a.lanes();
     if (a.bits == 8) {
         for (int g = e0 / G; g < e1 / G; g++) {
             const float d = group(g, &qrow[g * G]);

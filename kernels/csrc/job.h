@@ -17,7 +17,8 @@ namespace tinyv {
 
 // x86 paths 1-2, arm64 paths 3-5 (cpu_features.h); the numbers are the C ABI's (tv_ctx_new).
 enum Isa { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512VNNI = 2, ISA_NEON = 3, ISA_NEON_DOTPROD = 4, ISA_NEON_I8MM = 5 };
-enum Flags { FLAG_GELU = 1 };
+// FLAG_X16: int4 weights in the x16 layout (kernels_x16.h), activations in natural order.
+enum Flags { FLAG_GELU = 1, FLAG_X16 = 2 };
 
 constexpr int MR = 4;   // activation rows per pass over a weight row (registers)
 constexpr int NB_BYTES = 64 << 10;  // weight bytes per tile kept in L2 while the activation rows pass

@@ -35,7 +35,10 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include "kernels_avx2.h"
 #include "kernels_avx512.h"
+#include "kernels_x16.h"
 #endif
+#include "decode_ops.h"
+#include "x16_pack.h"
 #include "kernels_neon.h"
 #include "pool.h"
 
@@ -93,6 +96,7 @@ void rows_scalar(const Job& j, int n0, int n1) {
 template <int G>
 void rows_simd_grouped(const Job& j, int n0, int n1) {
     const bool q4 = j.bits == 4;
+    if (j.flags & FLAG_X16) return rows_x16<G>(j, n0, n1);  // only ever made for AVX-512 VNNI contexts
     if (j.isa == ISA_AVX512VNNI) return q4 ? rows_tiled<Q4Avx512<G>>(j, n0, n1) : rows_tiled<Q8Avx512<G>>(j, n0, n1);
     return q4 ? rows_tiled<Q4Avx2<G>>(j, n0, n1) : rows_tiled<Q8Avx2<G>>(j, n0, n1);
 }
@@ -106,12 +110,25 @@ void gemm_task(void* p, int i, int n) {
     if (n0 < n1) run_rows(j, n0, n1);
 }
 
-struct QuantTask { const float* x; long ldx; Act* a; int M; };
+struct QuantTask { const float* x; long ldx; Act* a; int M, isa; };
 
 void quant_task(void* p, int i, int n) {
     const QuantTask& t = *(const QuantTask*)p;
     const int per = (t.M + n - 1) / n, m0 = std::min(t.M, i * per), m1 = std::min(t.M, m0 + per);
-    if (m0 < m1) quantize_rows(t.x, t.ldx, *t.a, m0, m1);
+    for (int m = m0; m < m1; m++) {
+        if (t.isa == ISA_SCALAR) quantize_span<GroupScalar>(t.x + m * t.ldx, *t.a, m, 0, t.a->Kp);
+        else quantize_span<GroupSimd>(t.x + m * t.ldx, *t.a, m, 0, t.a->Kp);
+    }
+}
+
+struct PackTask { uint8_t* w; uint16_t* sc; int blocks, K, G; };
+
+void pack_task(void* p, int i, int n) {
+    const PackTask& t = *(const PackTask*)p;
+    const int per = (t.blocks + n - 1) / n, b0 = std::min(t.blocks, i * per), b1 = std::min(t.blocks, b0 + per);
+    std::vector<uint8_t> tmp((size_t)X16 * (t.K / 2));
+    for (int b = b0; b < b1; b++)
+        pack_q4_x16_block(t.w + (size_t)b * X16 * (t.K / 2), t.sc + (size_t)b * X16 * (t.K / t.G), t.K, t.G, tmp.data());
 }
 
 }  // namespace
@@ -147,7 +164,7 @@ void run_rows(const Job& j, int n0, int n1) {
 // ---------------------------------------------------------------------------------------------
 // C ABI (documented in tinyv_kernels.h)
 
-TV_EXPORT int tv_abi_version(void) { return 4; }
+TV_EXPORT int tv_abi_version(void) { return 5; }
 
 TV_EXPORT int tv_cpu_features(void) {
     return tinyv::isa_feature_bits(tinyv::cpu_best_isa());
@@ -177,15 +194,27 @@ TV_EXPORT int tv_qgemm(tv_ctx* ctx, int M, int N, int K, const float* x, long ld
                        const unsigned short* scales, int G, int bits, const float* bias, float* y, long ldy,
                        int flags) {
     using namespace tinyv;
-    if (M <= 0 || N <= 0 || K <= 0 || (bits != 4 && bits != 8) || (G != 32 && G != 64 && G != 128) || K % G)
+    const bool x16 = flags & FLAG_X16;
+    if (M <= 0 || N <= 0 || K <= 0 || (bits != 4 && bits != 8) || (G != 32 && G != 64 && G != 128) || K % G ||
+        (flags & ~(FLAG_GELU | FLAG_X16)) || (x16 && (bits != 4 || N % X16 || ctx->isa != ISA_AVX512VNNI)))
         return -1;
     if (ctx->in_use.exchange(true, std::memory_order_acquire)) return -2;
-    Act a(M, K, G, bits);
-    QuantTask qt{x, ldx, &a, M};
+    Act a(M, K, G, bits, x16);
+    QuantTask qt{x, ldx, &a, M, ctx->isa};
     parallel_for(ctx, std::min(ctx->threads, M), quant_task, &qt);
     Job j{M, N, K, G, bits, flags, ctx->isa, &a, (const uint8_t*)w, scales, bias, y, ldy};
     // a task per thread, but no thread with fewer than 16 rows
     parallel_for(ctx, std::max(1, std::min(ctx->threads, N / 16)), gemm_task, &j);
+    ctx->in_use.store(false, std::memory_order_release);
+    return 0;
+}
+
+TV_EXPORT int tv_pack_q4_x16(tv_ctx* ctx, int N, int K, int G, void* w, unsigned short* scales) {
+    using namespace tinyv;
+    if (N <= 0 || K <= 0 || N % X16 || (G != 32 && G != 64 && G != 128) || K % G) return -1;
+    if (ctx->in_use.exchange(true, std::memory_order_acquire)) return -2;
+    PackTask t{(uint8_t*)w, (uint16_t*)scales, N / X16, K, G};
+    parallel_for(ctx, std::max(1, std::min(ctx->threads, N / X16)), pack_task, &t);
     ctx->in_use.store(false, std::memory_order_release);
     return 0;
 }

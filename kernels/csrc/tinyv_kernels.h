@@ -42,8 +42,15 @@ void tv_ctx_set_spin_us(tv_ctx* ctx, int us);
 // bits 4: w = uint8 [N, K/2]; bits 8: w = int8 [N, K]; scales fp16 [N, K/G]; G in {32, 64, 128};
 // K % G == 0; bias fp32 [N] or NULL. Returns 0; -1 for arguments it cannot take; -2 when the
 // context is in use by another thread.
+// flags & 2: w and scales are int4 in the x16 layout (tv_pack_q4_x16), N % 16 == 0, and the
+// context's ISA is AVX-512 VNNI (else -1).
 int tv_qgemm(tv_ctx* ctx, int M, int N, int K, const float* x, long ldx, const void* w,
              const unsigned short* scales, int G, int bits, const float* bias, float* y, long ldy, int flags);
+
+// Rewrites an int4 weight (uint8 [N, K/2] and fp16 scales [N, K/G], as tv_qgemm takes them) in
+// place into the x16 layout of the AVX-512 VNNI kernels (kernels/csrc/kernels_x16.h): 16 rows at
+// a time, each block in the bytes it held. N % 16 == 0. Returns 0; -1 for bad arguments; -2 busy.
+int tv_pack_q4_x16(tv_ctx* ctx, int N, int K, int G, void* w, unsigned short* scales);
 
 // ---- The fused decode step (decode.cpp): one token through a whole Phi-2 (as TinyGPT-V modifies
 // it: SPEC §1) in one call. A model handle holds the dimensions, pointers to the caller's weights
@@ -54,6 +61,7 @@ typedef struct tv_phi tv_phi;
 typedef struct {
     int hidden, layers, heads, head_dim, rotary_dim, intermediate, vocab, max_positions;
     int bits, group;              // every Linear: bits 4 or 8, groups of 32, 64 or 128 (tv_qgemm's formats)
+    int x16;                      // 1: every Linear is int4 repacked by tv_pack_q4_x16 (AVX-512 VNNI contexts only)
     float eps, rms_eps;           // LayerNorm eps (input, q/k, final); post-attention RMSNorm eps
     const float* rope_cos;        // [max_positions, rotary_dim]: NeoX rotate_half tables, kept by the caller
     const float* rope_sin;
