@@ -80,7 +80,7 @@ def step_scaling(engine, image, runs: int, sizes=(1, 2, 4, 8)) -> list[dict]:
         times = {M: [] for M in sizes}
         # torch's own pool as the engine has it while decoding (its spinning threads would take the
         # kernels' cores)
-        with torch.inference_mode(), torch_threads(engine.decode_threads):
+        with torch.inference_mode(), torch_threads(engine.llm_torch_threads):
             for r in range(runs + 1):  # the first round warms each size's scratch
                 for M, starts in batches.items():
                     embeds = phi.embed(torch.full((M, 1), token, dtype=torch.long))

@@ -42,8 +42,8 @@ def _run(benchmark, bits, shape, m, path, layout="stored"):
     n, k = shape
     x = torch.randn(m, k)
     cfg = QuantConfig(bits, 32)
-    for st in copies if x16 else ():
-        kernels.pack_x16(st["qweight"], st["scales"], 32)
+    if x16:
+        copies = [dict(zip(("qweight", "scales"), kernels.pack_x16(st["qweight"], st["scales"], 32))) for st in copies]
     layers = [QuantLinear(k, n, cfg, st, None, kernels=kernels, x16=x16) for st in copies]
     state = {"i": 0}
     torch.set_num_threads(THREADS)

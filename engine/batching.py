@@ -271,7 +271,7 @@ class Batcher:
                     answer = self._start(request)
                     if answer is not None:
                         answers.append(answer)
-                with torch_threads(self.engine.decode_threads):
+                with torch_threads(self.engine.llm_torch_threads):
                     answers = self._sample(answers)
                     if answers:
                         answers = self._step(answers)

@@ -54,9 +54,11 @@ class Engine:
         self.quant = QuantConfig.from_dict(manifest["quantization"])
         self._vision_id, self._vision_id_lock = None, threading.Lock()
         self.prompt_format = PromptFormat.from_manifest(manifest["prompt"])
-        # the kernels run the Linears on their own threads; torch's M = 1 ops then run on one
-        self.decode_threads = 1 if kernels is not None and self.quant.bits != 16 else None
-        self._worker = Worker("tinyv-engine", setup=lambda: torch.set_num_threads(threads))
+        # the kernels run every Linear on their own pool; torch's ops between them then run on one
+        # thread: an OpenMP pool spins for milliseconds after each op, on the core the kernels'
+        # next GEMM needs (prefill pp64, full size: 1.16 s with 2 torch threads, 0.80 s with 1)
+        self.llm_torch_threads = 1 if kernels is not None and self.quant.bits != 16 else None
+        self._worker = Worker("tinyv-engine", setup=lambda: torch.set_num_threads(self.llm_torch_threads or threads))
 
     # -- loading -----------------------------------------------------------------------------------
     @classmethod
@@ -107,8 +109,8 @@ class Engine:
             prefix_cache_bytes = min(prefix_cache_bytes, placement.plan.prefix_cache_bytes)
         else:
             kernels = native.open_kernels(threads, setting)
-            # the mapping is this engine's own (private): int4 weights are repacked in it
-            phi = build_quant_phi(phi_cfg, tensors, quant, kernels=kernels, repack_in_place=True)
+            # the mapping is this engine's own: int4 weights repacked, their mapped pages released
+            phi = build_quant_phi(phi_cfg, tensors, quant, kernels=kernels, release_stored=True)
         if announce and device != "cpu":
             announce(f"tinyv: {gpu.placement_line(placement, phi)}")
         tok_info = manifest["tokenizer"]
@@ -291,7 +293,7 @@ class Session:
             self._prefix, timings = e._prefix(self.image, before, room)
         return generate(e.phi, e.tokenizer, before, None, after, opts, prefix=self._prefix,
                         stop_strings=e.prompt_format.stop_strings, should_stop=should_stop,
-                        decode_threads=e.decode_threads, timings=timings)
+                        llm_torch_threads=e.llm_torch_threads, timings=timings)
 
     def ask(self, question: str, **kw) -> str:
         return _text(self.stream(question, task="vqa", **kw))

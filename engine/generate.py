@@ -240,22 +240,22 @@ def generate(
     prefix: Prefix | None = None,
     stop_strings=STOP_STRINGS,
     should_stop: Callable[[], bool] | None = None,
-    decode_threads: int | None = None,
+    llm_torch_threads: int | None = None,
     timings: dict | None = None,
 ) -> Iterator[GenerationStep]:
     """Stream the answer to ``before <image> after`` as ``GenerationStep`` records.
 
     ``prefix`` (from :func:`prefill_prefix` on the same ``before`` and image) is used instead of
     prefilling them: only ``after`` is prefilled. ``should_stop()`` is asked after every token (finish "cancelled").
-    ``decode_threads`` sets torch's thread count for the decode phase (the quantized kernels keep
-    their own threads, and torch's tiny M = 1 ops gain nothing from a spinning pool). ``timings``
+    ``llm_torch_threads`` sets torch's thread count while the LLM runs (the quantized kernels keep
+    their own threads, and a spinning OpenMP pool between their calls takes the cores they need). ``timings``
     from the caller (e.g. ``image_ms``) are completed and put on the last step.
     """
     ids = tokenizer.encode(after)
-    if prefix is None:
-        prefix = prefill_prefix(phi, tokenizer, before, image_embeds, room=len(ids) + options.max_new_tokens)
-    start = start_answer(phi, tokenizer, prefix, ids, options.max_new_tokens, timings)
-    with torch_threads(decode_threads):
+    with torch_threads(llm_torch_threads):
+        if prefix is None:
+            prefix = prefill_prefix(phi, tokenizer, before, image_embeds, room=len(ids) + options.max_new_tokens)
+        start = start_answer(phi, tokenizer, prefix, ids, options.max_new_tokens, timings)
         yield from _decode(phi, tokenizer, start, options.sampler(), stop_strings, should_stop)
 
 

@@ -37,14 +37,14 @@ def stored_keys(name: str, qcfg: QuantConfig) -> tuple[str, ...]:
 
 
 def build_quant_phi(cfg: PhiConfig, tensors: Mapping[str, torch.Tensor], qcfg: QuantConfig,
-                    kernels: Kernels | None = None, repack_in_place: bool = False) -> PhiForCausalLM:
+                    kernels: Kernels | None = None, release_stored: bool = False) -> PhiForCausalLM:
     """A ``PhiForCausalLM`` whose Linears are ``QuantLinear`` over ``tensors`` (not copied), all
     running on ``kernels`` (None: the torch path).
 
     Where the kernels run int4 in their x16 layout (AVX-512 VNNI), every int4 Linear is repacked
-    to it: in ``tensors`` themselves when ``repack_in_place`` (the engine's private mapping of the
-    bundle: the repacked pages replace the file's, one resident copy), else in a copy, so the
-    caller's tensors stay in the stored layout."""
+    to it in new memory. ``release_stored``: the caller gives up ``tensors``' int4 weights (the
+    engine's private mapping of the bundle): their pages go back to the system as each is
+    repacked, so the weights stay resident once; else ``tensors`` are left as they were."""
     with torch.device("meta"):
         phi = PhiForCausalLM(cfg)
     used = set()
@@ -61,7 +61,7 @@ def build_quant_phi(cfg: PhiConfig, tensors: Mapping[str, torch.Tensor], qcfg: Q
         old = phi.get_submodule(name)
         stored = {k.rsplit(".", 1)[1]: take(k) for k in stored_keys(name, qcfg)}
         if x16:
-            stored = _repacked(name, stored, (old.out_features, old.in_features), kernels, qcfg, repack_in_place)
+            stored = _repacked(name, stored, (old.out_features, old.in_features), kernels, qcfg, release_stored)
         new = QuantLinear(old.in_features, old.out_features, qcfg, stored, take(f"{name}.bias"), kernels=kernels,
                           x16=x16)
         parent, _, attr = name.rpartition(".")
@@ -83,9 +83,10 @@ def build_quant_phi(cfg: PhiConfig, tensors: Mapping[str, torch.Tensor], qcfg: Q
 
 
 def _repacked(name: str, stored: dict, shape: tuple[int, int], kernels: Kernels, qcfg: QuantConfig,
-              in_place: bool) -> dict:
-    """``stored`` (qweight, scales) of the Linear ``name`` [out, in] in the kernels' x16 layout:
-    rewritten in place, or in a copy. The shapes are checked first (the C repack trusts them)."""
+              release_source: bool) -> dict:
+    """``stored`` (qweight, scales) of the Linear ``name`` [out, in] in the kernels' x16 layout, in
+    new tensors; with ``release_source`` the stored tensors' pages go back to the system. The
+    shapes are checked first (the C repack trusts them)."""
     qweight, scales = stored["qweight"], stored["scales"]
     n, k = shape
     want = {"qweight": ((n, k // 2), torch.uint8), "scales": ((n, k // qcfg.group_size), torch.float16)}
@@ -93,10 +94,8 @@ def _repacked(name: str, stored: dict, shape: tuple[int, int], kernels: Kernels,
         if (tuple(t.shape), t.dtype) != want[key]:
             raise TinyVError(f"the bundle's {name}.{key} is {list(t.shape)} {t.dtype}, expected "
                              f"{list(want[key][0])} {want[key][1]}: re-export the bundle")
-    if not in_place or not (qweight.is_contiguous() and scales.is_contiguous()):
-        qweight = qweight.clone(memory_format=torch.contiguous_format)
-        scales = scales.clone(memory_format=torch.contiguous_format)
-    kernels.pack_x16(qweight, scales, qcfg.group_size)
+    release = release_source and qweight.is_contiguous() and scales.is_contiguous()
+    qweight, scales = kernels.pack_x16(qweight.contiguous(), scales.contiguous(), qcfg.group_size, release)
     return {"qweight": qweight, "scales": scales}
 
 

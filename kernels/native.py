@@ -92,7 +92,8 @@ def _open_library(path: str) -> tuple[ctypes.CDLL | None, str]:
         ctx_p, c_int, c_int, c_int, ptr, ctypes.c_long, ptr, ptr, c_int, c_int, ptr, ptr, ctypes.c_long, c_int,
     ]
     lib.tv_pack_q4_x16.restype = c_int
-    lib.tv_pack_q4_x16.argtypes = [ctx_p, c_int, c_int, c_int, ptr, ptr]  # ctx, N, K, G, w, scales
+    lib.tv_pack_q4_x16.argtypes = [ctx_p, c_int, c_int, c_int, ptr, ptr, ptr, ptr, c_int]  # ctx, N, K, G, w, scales,
+    # w_out, scales_out, flags
     # the fused decode step (kernels/decoder.py declares the structs)
     lib.tv_phi_new.restype, lib.tv_phi_new.argtypes = ptr, [ptr]
     lib.tv_phi_free.restype, lib.tv_phi_free.argtypes = None, [ptr]
@@ -195,7 +196,7 @@ class Kernels:
         self.threads: int = lib.tv_ctx_threads(ctx)
         self.bf16_prefill_rows: int | None = bf16_prefill_rows
         # int4 weights run repacked to the x16 layout (kernels/csrc/kernels_x16.h) on this path:
-        # 3-4x the prefill GEMM of the stored layout there (57 -> 167 GMAC/s a core at M = 64)
+        # 3x the prefill GEMM of the stored layout there (55 -> 167 GMAC/s a core at M = 64)
         self.x16: bool = self.isa == "avx512-vnni"
 
     def __repr__(self) -> str:
@@ -215,20 +216,27 @@ class Kernels:
             raise RuntimeError(f"{self!r} is closed")
         return self._lib, self._ctx
 
-    def pack_x16(self, qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> None:
-        """Rewrite an int4 weight (``qweight`` uint8 [N, K/2], ``scales`` fp16 [N, K/g], contiguous,
-        N a multiple of 16) in place into the x16 layout; only where ``self.x16``."""
+    def pack_x16(self, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+                 release_source: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """An int4 weight (``qweight`` uint8 [N, K/2], ``scales`` fp16 [N, K/g], contiguous, N a
+        multiple of 16) in the x16 layout, in new tensors (huge pages where the system allows);
+        only where ``self.x16``. ``release_source``: the caller gives the source up: its memory
+        pages go back to the system (a file mapping's are re-read if touched; anonymous ones
+        would read as zeros), so the weight is resident once."""
         if not self.x16:
             raise ValueError(f"{self!r} does not run the x16 layout")
         if not (qweight.is_contiguous() and scales.is_contiguous() and qweight.dtype == torch.uint8
                 and scales.dtype == torch.float16):
             raise ValueError("pack_x16 takes contiguous uint8 codes and fp16 scales")
         n, k = qweight.shape[0], 2 * qweight.shape[1]
-        rc = self._lib.tv_pack_q4_x16(self._ctx, n, k, group_size, qweight.data_ptr(), scales.data_ptr())
+        out_w, out_s = torch.empty_like(qweight), torch.empty_like(scales)
+        rc = self._lib.tv_pack_q4_x16(self._ctx, n, k, group_size, qweight.data_ptr(), scales.data_ptr(),
+                                      out_w.data_ptr(), out_s.data_ptr(), 1 | (2 if release_source else 0))
         if rc == _RC_BUSY:
             raise RuntimeError(f"{self!r} was called from two threads at once: open one Kernels per thread")
         if rc != 0:
             raise ValueError(f"pack_x16 cannot take N={n} K={k} group={group_size}")
+        return out_w, out_s
 
     def qgemm(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
               bias: torch.Tensor | None = None, gelu: bool = False, x16: bool = False) -> torch.Tensor:

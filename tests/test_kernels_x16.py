@@ -22,16 +22,16 @@ SHAPES = [(1, 16, 32), (1, 48, 2560 + 96), (2, 32, 160), (3, 80, 288), (4, 16, 6
 
 
 def packed(stored: dict, group: int, kernels: native.Kernels) -> tuple[torch.Tensor, torch.Tensor]:
-    qweight, scales = stored["qweight"].clone(), stored["scales"].clone()
-    kernels.pack_x16(qweight, scales, group)
-    return qweight, scales
+    return kernels.pack_x16(stored["qweight"], stored["scales"], group)
 
 
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_repack_is_the_documented_layout_and_loses_nothing(group):
     kernels = native.open_kernels(2)
     stored = quantize_weight(torch.randn(64, 384), QuantConfig(4, group))
+    before = {k: v.clone() for k, v in stored.items()}
     qweight, scales = packed(stored, group, kernels)
+    assert all(torch.equal(stored[k], before[k]) for k in stored)  # the source is left as it was
     assert not torch.equal(qweight, stored["qweight"])  # it did move the bytes
     back_q, back_s = unpack_x16(qweight, scales, group)
     assert torch.equal(back_q, stored["qweight"]) and torch.equal(back_s, stored["scales"])
@@ -69,7 +69,7 @@ def test_what_the_layout_cannot_take_is_refused():
     kernels = native.open_kernels(2)
     stored = quantize_weight(torch.randn(24, 64), QuantConfig(4, 32))  # 24 rows: not whole blocks of 16
     with pytest.raises(ValueError, match="N=24"):
-        kernels.pack_x16(stored["qweight"].clone(), stored["scales"].clone(), 32)
+        kernels.pack_x16(stored["qweight"], stored["scales"], 32)
     avx2 = native.open_kernels(2, setting="avx2")
     assert not avx2.x16
     ok = quantize_weight(torch.randn(32, 64), QuantConfig(4, 32))
@@ -98,7 +98,7 @@ def tiny_tensors(bits=4):
     return out, cfg
 
 
-def test_the_engine_repacks_a_copy_unless_the_tensors_are_its_own():
+def test_the_model_runs_a_repacked_copy_and_releases_the_stored_weights_only_when_told():
     tensors, cfg = tiny_tensors()
     kernels = native.open_kernels(2)
     before = {k: v.clone() for k, v in tensors.items()}
@@ -112,17 +112,34 @@ def test_the_engine_repacks_a_copy_unless_the_tensors_are_its_own():
     x = torch.randn(1, 5, TINY.hidden)
     check(phi.layers[0].mlp.fc1(x), reference_phi.layers[0].mlp.fc1(x), tol=2e-2)  # int8 activations vs fp32
 
-    build_quant_phi(TINY, tensors, cfg, kernels=kernels, repack_in_place=True)
-    key = "layers.0.mlp.fc1.qweight"
-    assert not torch.equal(tensors[key], before[key])
-    assert torch.equal(unpack_x16(tensors[key], tensors["layers.0.mlp.fc1.scales"], 32)[0], before[key])
+
+def test_released_pages_of_a_file_mapping_are_read_back_from_the_file(tmp_path):
+    """What the engine does with its mapping of the bundle: after the repack the stored weights'
+    pages are given back; the model runs on its own copy, and the mapping still reads the file."""
+    from safetensors.torch import save_file
+
+    from tinyv.engine.weights import mmap_safetensors
+
+    tensors, cfg = tiny_tensors()
+    big = quantize_weight(torch.randn(4096, 2048), cfg)  # spans whole pages, so some are released
+    save_file({**tensors, "big.qweight": big["qweight"], "big.scales": big["scales"]}, tmp_path / "llm.safetensors")
+    mapped = mmap_safetensors(str(tmp_path / "llm.safetensors"))
+    kernels = native.open_kernels(2)
+    source = mapped.pop("big.qweight")
+    qweight, scales = kernels.pack_x16(source, mapped.pop("big.scales"), 32, release_source=True)
+    assert torch.equal(unpack_x16(qweight, scales, 32)[0], big["qweight"])
+    assert torch.equal(source, big["qweight"])  # released pages of the mapping read the file again
+    phi = build_quant_phi(TINY, mapped, cfg, kernels=kernels, release_stored=True)
+    reference_phi = build_quant_phi(TINY, tensors, cfg, kernels=None)
+    x = torch.randn(1, 3, TINY.hidden)
+    check(phi(x)[0], reference_phi(x)[0], tol=5e-2)
 
 
 def test_a_malformed_int4_tensor_is_refused_before_the_repack():
     tensors, cfg = tiny_tensors()
     tensors["layers.1.mlp.fc2.scales"] = tensors["layers.1.mlp.fc2.scales"][:, :1].contiguous()
     with pytest.raises(TinyVError, match=r"layers\.1\.mlp\.fc2\.scales .*re-export"):
-        build_quant_phi(TINY, tensors, cfg, kernels=native.open_kernels(2), repack_in_place=True)
+        build_quant_phi(TINY, tensors, cfg, kernels=native.open_kernels(2), release_stored=True)
 
 
 def test_int8_weights_keep_the_stored_layout():

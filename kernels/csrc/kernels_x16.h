@@ -18,6 +18,7 @@
 
 #include <immintrin.h>
 
+#include "decode_ops.h"
 #include "job.h"
 #include "x16_pack.h"
 
@@ -78,8 +79,7 @@ TV_AVX512 void x16_tile(const Job& j, int b0, int m0) {
             if (j.bias) v = _mm512_add_ps(v, _mm512_loadu_ps(j.bias + n));
             float* y = j.y + (long)(m0 + r) * j.ldy + n;
             _mm512_storeu_ps(y, v);
-            if (j.flags & FLAG_GELU)
-                for (int i = 0; i < X16; i++) y[i] = gelu_tanh(y[i]);
+            if (j.flags & FLAG_GELU) gelu_avx2(y, X16);  // vectorized: a scalar tanh per value cost a third of a prefill
         }
 }
 

@@ -47,10 +47,15 @@ void tv_ctx_set_spin_us(tv_ctx* ctx, int us);
 int tv_qgemm(tv_ctx* ctx, int M, int N, int K, const float* x, long ldx, const void* w,
              const unsigned short* scales, int G, int bits, const float* bias, float* y, long ldy, int flags);
 
-// Rewrites an int4 weight (uint8 [N, K/2] and fp16 scales [N, K/G], as tv_qgemm takes them) in
-// place into the x16 layout of the AVX-512 VNNI kernels (kernels/csrc/kernels_x16.h): 16 rows at
-// a time, each block in the bytes it held. N % 16 == 0. Returns 0; -1 for bad arguments; -2 busy.
-int tv_pack_q4_x16(tv_ctx* ctx, int N, int K, int G, void* w, unsigned short* scales);
+// Writes an int4 weight (uint8 [N, K/2] and fp16 scales [N, K/G], as tv_qgemm takes them) in the
+// x16 layout of the AVX-512 VNNI kernels (kernels/csrc/kernels_x16.h) to w_out / scales_out, of
+// the same sizes: the same buffers (in place) or ones that do not overlap them. flags & 1: advise
+// the kernel to back w_out with huge pages (call before it is first written); flags & 2: give the
+// source's whole pages back to the system (madvise DONTNEED: a file mapping's pages are re-read
+// from the file if touched again, anonymous ones read as zeros). N % 16 == 0. Returns 0; -1 for
+// bad arguments; -2 when the context is busy.
+int tv_pack_q4_x16(tv_ctx* ctx, int N, int K, int G, const void* w, const unsigned short* scales, void* w_out,
+                   unsigned short* scales_out, int flags);
 
 // ---- The fused decode step (decode.cpp): one token through a whole Phi-2 (as TinyGPT-V modifies
 // it: SPEC §1) in one call. A model handle holds the dimensions, pointers to the caller's weights
