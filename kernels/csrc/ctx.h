@@ -11,7 +11,9 @@
 struct tv_ctx {
     int isa = tinyv::ISA_SCALAR;
     int threads = 1;
-    std::atomic<int> spin_us{50};        // read live by the pool's workers
+    // how long idle workers spin before they sleep, read live: a prefill's torch ops between two
+    // GEMMs take up to ~1 ms, and a sleeping worker's wake-up cost pp64 8 % (full size, 2 threads)
+    std::atomic<int> spin_us{1000};
     std::atomic<bool> in_use{false};     // set for the length of a tv_qgemm / tv_decode_step
     tinyv::ThreadPool* pool = nullptr;   // made on first parallel job; remade in a forked child
 };

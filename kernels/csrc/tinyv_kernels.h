@@ -35,7 +35,8 @@ int tv_ctx_isa(const tv_ctx* ctx);
 int tv_ctx_threads(const tv_ctx* ctx);
 
 // How long the context's idle threads spin for the next job before sleeping (microseconds,
-// 0 = sleep at once; default 50: decode calls arrive every few microseconds).
+// 0 = sleep at once; default 1000: decode calls arrive every few microseconds, a prefill's GEMMs
+// every few hundred).
 void tv_ctx_set_spin_us(tv_ctx* ctx, int us);
 
 // y[M, N] (row stride ldy) = x[M, K] (row stride ldx) · W^T + bias, then GELU(tanh) if flags & 1.
