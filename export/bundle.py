@@ -49,7 +49,7 @@ def export_bundle(
     *,
     bits: int = 4,
     group_size: int = 32,
-    vision: str = "fp32",
+    vision: str = "int8",
     image_size: int | None = None,
     preset=None,
     min_sqnr: float | None = None,
