@@ -41,7 +41,7 @@ def run_bench(engine, image=None, runs: int = 3, pp=(64, 512), tg: int = 128, se
     is the language model's alone."""
     say = progress or (lambda msg: None)
     image = image if image is not None else bench_image()
-    out: dict = {"bundle": engine.bundle, "threads": engine.run(torch.get_num_threads), "llm_only": llm_only}
+    out: dict = {"bundle": engine.bundle, "threads": engine.threads, "llm_only": llm_only}
     gpu = engine.placement.torch_device if engine.placement is not None and engine.placement.on_gpu else None
     if gpu is not None:
         out.update(_gpu_load_figures(engine, gpu))
@@ -119,6 +119,7 @@ def _bench_vision(engine, image, runs, out, say):
     ttft_cold, ttft_warm = [], []
     for _ in range(runs):
         engine.cache.drop(key)
+        engine.run(engine.prefixes.clear)  # nor the image's prompt prefix (its KV holds the image)
         last = list(engine.stream(image, max_new_tokens=1))[-1]
         ttft_cold.append(last.timings["ttft_ms"])
         last = list(engine.stream(image, max_new_tokens=1))[-1]
