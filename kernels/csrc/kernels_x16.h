@@ -24,6 +24,10 @@
 
 namespace tinyv {
 
+// How far ahead in each block's weight stream to prefetch: a batched decode step (4 rows, full
+// size, 2 threads) 68 -> 58 ms at 1-2 KB; one row and a prefill unchanged.
+constexpr int PREFETCH_BYTES = 1024;
+
 // y rows m0..m0+MR, columns of blocks b0..b0+NR: all of K, then bias / GELU per 16 columns.
 template <int G, int MR, int NR>
 TV_AVX512 void x16_tile(const Job& j, int b0, int m0) {
@@ -47,7 +51,9 @@ TV_AVX512 void x16_tile(const Job& j, int b0, int m0) {
         for (int p = 0; p < P; p++) {
             __m512i lo[NR], hi[NR];
             for (int c = 0; c < NR; c++) {
-                const __m512i wv = _mm512_loadu_si512(wb + c * wstride + ((long)g * P + p) * 64);
+                const uint8_t* wp = wb + c * wstride + ((long)g * P + p) * 64;
+                _mm_prefetch((const char*)wp + PREFETCH_BYTES, _MM_HINT_T0);
+                const __m512i wv = _mm512_loadu_si512(wp);
                 lo[c] = _mm512_and_si512(wv, mask);
                 hi[c] = _mm512_and_si512(_mm512_srli_epi16(wv, 4), mask);
             }
