@@ -291,7 +291,9 @@ def test_stop_event_cancels_promptly(e16, scene):
     t.start()
     t.join()
     steps.extend(gen)
-    assert steps[-1].finish_reason == "cancelled" and len(steps) <= 3
+    # the worker runs ahead of this thread by the tokens it makes while the setter thread starts
+    # (~1 ms each here; more on a loaded machine), as in the case above
+    assert steps[-1].finish_reason == "cancelled" and len(steps) <= 5
 
 
 # -- errors --------------------------------------------------------------------------------------
