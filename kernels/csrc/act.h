@@ -31,7 +31,6 @@ struct Act {
     int lanes() const { return bits == 4 ? Kp / 8 : Kp / 4; }
 };
 
-// Quantize rows [m0, m1) of x (row stride ldx) into `a`.
-void quantize_rows(const float* x, long ldx, Act& a, int m0, int m1);
+// Rows are quantized into an Act by quantize_span (decode_ops.h), scalar or SIMD.
 
 }  // namespace tinyv

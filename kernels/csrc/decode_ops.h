@@ -89,7 +89,7 @@ struct GroupAvx2 {
 #endif
 
 // Quantize elements [e0, e1) (whole units) of the row x into row m of a, in act.h's layout:
-// the same codes and scales quantize_rows gives, so any kernel can consume them.
+// the same codes and scales whichever Group quantizes them, so any kernel can consume them.
 template <class Group>
 void quantize_span(const float* x, Act& a, int m, int e0, int e1) {
     const int K = a.K, G = a.G, lanes_per_group = G / 4;

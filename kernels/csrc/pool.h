@@ -1,8 +1,9 @@
 // A small persistent thread pool, owned by one tv_ctx (never shared by contexts).
 //
 // Workers spin briefly after a job (decode calls arrive every few microseconds, prefill GEMMs every
-// few hundred), then sleep on a condition variable so an idle engine costs no CPU. Threads do not survive fork(): owner() is
-// the process that made them, and the context makes a new pool in a forked child.
+// few hundred), then sleep on a condition variable so an idle engine costs no CPU. Threads do not
+// survive fork(): owner() is the process that made them, and the context makes a new pool in a
+// forked child.
 #pragma once
 
 #include <pthread.h>

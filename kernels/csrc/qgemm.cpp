@@ -128,11 +128,10 @@ void pack_task(void* p, int i, int n) {
     const PackTask& t = *(const PackTask*)p;
     const int per = (t.blocks + n - 1) / n, b0 = std::min(t.blocks, i * per), b1 = std::min(t.blocks, b0 + per);
     std::vector<uint8_t> codes((size_t)X16 * t.K);
-    std::vector<uint16_t> stmp((size_t)X16 * (t.K / t.G));
     const size_t wblock = (size_t)X16 * (t.K / 2), sblock = (size_t)X16 * (t.K / t.G);
     for (int b = b0; b < b1; b++)
         pack_q4_x16_block(t.w + b * wblock, t.sc + b * sblock, t.wout + b * wblock, t.scout + b * sblock, t.K, t.G,
-                          codes.data(), stmp.data());
+                          codes.data());
 }
 
 // The whole pages inside [p, p + n) (the pages at its ends may hold other data).
@@ -223,25 +222,27 @@ TV_EXPORT int tv_pack_q4_x16(tv_ctx* ctx, int N, int K, int G, const void* w, co
                              void* wout, unsigned short* scales_out, int flags) {
     using namespace tinyv;
     if (N <= 0 || K <= 0 || N % X16 || (G != 32 && G != 64 && G != 128) || K % G || (flags & ~3)) return -1;
-    const size_t wbytes = (size_t)N * (K / 2);
-    const bool same = w == wout;
-    if (!same && (const uint8_t*)w < (uint8_t*)wout + wbytes && (uint8_t*)wout < (const uint8_t*)w + wbytes) return -1;
+    const size_t wbytes = (size_t)N * (K / 2), sbytes = (size_t)N * (K / G) * 2;
+    auto overlap = [](const void* a, const void* b, size_t n) {
+        return (const uint8_t*)a < (const uint8_t*)b + n && (const uint8_t*)b < (const uint8_t*)a + n;
+    };
+    if (overlap(w, wout, wbytes) || overlap(scales, scales_out, sbytes)) return -1;
     if (ctx->in_use.exchange(true, std::memory_order_acquire)) return -2;
     uintptr_t a, b;
 #if defined(MADV_HUGEPAGE)
     // a new buffer in 2 MB pages where the kernel allows: far fewer page faults while it fills,
     // and fewer TLB misses when every token streams it
     page_interior(wout, wbytes, 2u << 20, a, b);
-    if (!same && (flags & 1) && b > a) madvise((void*)a, b - a, MADV_HUGEPAGE);
+    if ((flags & 1) && b > a) madvise((void*)a, b - a, MADV_HUGEPAGE);
 #endif
     PackTask t{(const uint8_t*)w, (const uint16_t*)scales, (uint8_t*)wout, (uint16_t*)scales_out, N / X16, K, G};
     parallel_for(ctx, std::max(1, std::min(ctx->threads, N / X16)), pack_task, &t);
     // the source's pages are given back (a private file mapping: re-read from the file if touched)
     const size_t page = (size_t)sysconf(_SC_PAGESIZE);
     page_interior(w, wbytes, page, a, b);
-    if (!same && (flags & 2) && b > a) madvise((void*)a, b - a, MADV_DONTNEED);
-    page_interior(scales, (size_t)N * (K / G) * 2, page, a, b);
-    if (scales != scales_out && (flags & 2) && b > a) madvise((void*)a, b - a, MADV_DONTNEED);
+    if ((flags & 2) && b > a) madvise((void*)a, b - a, MADV_DONTNEED);
+    page_interior(scales, sbytes, page, a, b);
+    if ((flags & 2) && b > a) madvise((void*)a, b - a, MADV_DONTNEED);
     ctx->in_use.store(false, std::memory_order_release);
     return 0;
 }

@@ -50,7 +50,7 @@ int tv_qgemm(tv_ctx* ctx, int M, int N, int K, const float* x, long ldx, const v
 
 // Writes an int4 weight (uint8 [N, K/2] and fp16 scales [N, K/G], as tv_qgemm takes them) in the
 // x16 layout of the AVX-512 VNNI kernels (kernels/csrc/kernels_x16.h) to w_out / scales_out, of
-// the same sizes: the same buffers (in place) or ones that do not overlap them. flags & 1: advise
+// the same sizes and not overlapping them (else -1). flags & 1: advise
 // the kernel to back w_out with huge pages (call before it is first written); flags & 2: give the
 // source's whole pages back to the system (madvise DONTNEED: a file mapping's pages are re-read
 // from the file if touched again, anonymous ones read as zeros). N % 16 == 0. Returns 0; -1 for

@@ -1,7 +1,7 @@
 // The repack of int4 weights into the x16 layout of the AVX-512 VNNI kernels (the layout is
 // described in kernels_x16.h). Portable: the C ABI's tv_pack_q4_x16 exists on every build.
-// A block of 16 rows is the same contiguous bytes in both layouts, so a block can be rewritten
-// in place or into another buffer of the weight's size.
+// A block of 16 rows is the same contiguous bytes in both layouts: block b of the output is at
+// the offset of block b of the input.
 #pragma once
 
 #include <cstdint>
@@ -12,10 +12,10 @@ namespace tinyv {
 constexpr int X16 = 16;  // columns per block
 
 // Rows [16b, 16b + 16) of an int4 weight (stored layout, K/2 bytes a row: `w`, fp16 scales [16,
-// K/G]: `sc`) written in the x16 layout to `wout` / `scout` (which may be `w` / `sc`).
-// `codes` holds 16 * K bytes, `stmp` 16 * K/G scales.
+// K/G]: `sc`) written in the x16 layout to `wout` / `scout` (other buffers).
+// `codes` holds 16 * K bytes.
 inline void pack_q4_x16_block(const uint8_t* w, const uint16_t* sc, uint8_t* wout, uint16_t* scout, int K, int G,
-                              uint8_t* codes, uint16_t* stmp) {
+                              uint8_t* codes) {
     const int rowbytes = K / 2, ng = K / G, half = G / 2;
     for (int l = 0; l < X16; l++) {  // each row's codes (q + 8) in natural order
         const uint8_t* src = w + (size_t)l * rowbytes;
@@ -26,7 +26,6 @@ inline void pack_q4_x16_block(const uint8_t* w, const uint16_t* sc, uint8_t* wou
                 dst[e + half] = src[e] >> 4;
             }
     }
-    std::memcpy(stmp, sc, sizeof(uint16_t) * X16 * ng);
     uint8_t* out = wout;
     for (int k0 = 0; k0 < K; k0 += 8)  // group g, piece p: k0 = gG + 8p; lane l = row l
         for (int l = 0; l < X16; l++, out += 4) {
@@ -36,7 +35,7 @@ inline void pack_q4_x16_block(const uint8_t* w, const uint16_t* sc, uint8_t* wou
             std::memcpy(out, &packed, 4);
         }
     for (int g = 0; g < ng; g++)
-        for (int l = 0; l < X16; l++) scout[g * X16 + l] = stmp[(size_t)l * ng + g];
+        for (int l = 0; l < X16; l++) scout[g * X16 + l] = sc[(size_t)l * ng + g];
 }
 
 }  // namespace tinyv
