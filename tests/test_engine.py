@@ -15,6 +15,7 @@ import torch
 
 import tinyv
 from click.testing import CliRunner
+from conftest import HANG_GUARD_S
 from PIL import Image, ImageDraw
 
 import tinyv.engine.generate as generate_mod
@@ -269,7 +270,7 @@ def test_image_cache_first_then_cached_in_timings(b16, other_image, tmp_path):
 
 # -- cancellation (closing, dropping, timeouts and threads: test_concurrency.py) ----------------
 
-def test_stop_event_cancels_promptly(e16, scene):
+def test_stop_event_cancels_promptly(e16, scene, gate_sampling):
     ev = threading.Event()
     ev.set()
     steps = list(e16.stream(scene, max_new_tokens=100, stop_event=ev))
@@ -282,18 +283,20 @@ def test_stop_event_cancels_promptly(e16, scene):
         if len(steps) == 3:
             ev.set()  # e.g. from a UI thread
     assert steps[-1].finish_reason == "cancelled" and 3 <= len(steps) <= 5
-    # set from another thread while streaming
+    # set from another thread while the worker is making the second token (held there by the
+    # sampler, so how far the worker runs ahead does not depend on the machine's load)
+    gate = gate_sampling(2)
     ev = threading.Event()
-    steps = []
     gen = e16.stream(scene, max_new_tokens=100, stop_event=ev)
-    steps.append(next(gen))
+    steps = [next(gen)]
+    assert gate.reached.wait(HANG_GUARD_S)
     t = threading.Thread(target=ev.set)
     t.start()
     t.join()
+    gate.open.set()
     steps.extend(gen)
-    # the worker runs ahead of this thread by the tokens it makes while the setter thread starts
-    # (~1 ms each here; more on a loaded machine), as in the case above
-    assert steps[-1].finish_reason == "cancelled" and len(steps) <= 5
+    assert steps[-1].finish_reason == "cancelled" and len(steps) <= 3
+    assert gate.calls == 2  # nothing sampled after the token in progress
 
 
 # -- errors --------------------------------------------------------------------------------------
