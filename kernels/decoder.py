@@ -42,7 +42,7 @@ class DecoderDims:
     group: int
     eps: float
     rms_eps: float
-    x16: bool = False  # every Linear repacked in place to the AVX-512 x16 layout (Kernels.pack_x16)
+    x16: bool = False  # every Linear repacked to the AVX-512 x16 layout (Kernels.pack_x16)
 
 
 class _Dims(ctypes.Structure):

@@ -30,7 +30,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         if x16 and (kernels is None or not kernels.x16 or cfg.bits != 4):
             raise ValueError("the x16 layout is the int4 layout of kernels that run it")
-        self.x16 = x16  # the stored int4 weight was repacked in place to the kernels' x16 layout
+        self.x16 = x16  # the int4 weight given is in the kernels' x16 layout (Kernels.pack_x16)
         self.in_features, self.out_features, self.cfg = in_features, out_features, cfg
         for name, t in stored.items():
             self.register_buffer(name, t, persistent=False)

@@ -36,6 +36,7 @@ _FEATURE_BITS = ((1, "avx2"), (2, "avx512-vnni"), (4, "neon"), (8, "neon-dotprod
 _BEST_ISA = -1
 _FLAG_GELU = 1
 _FLAG_X16 = 2
+_PACK_HUGE_PAGES, _PACK_RELEASE_SOURCE = 1, 2  # tv_pack_q4_x16's flags
 _RC_BUSY = -2
 # Measured on the 2-core AVX-512 BF16 EPYC, Phi-2's 8-bit layers, 2 threads, GOP/s native vs bf16:
 # M=128 74-77 vs 51-58, M=256 69-93 vs 94-100, M=512 71-83 vs 146-154. (4-bit: native 115-165 at
@@ -231,7 +232,8 @@ class Kernels:
         n, k = qweight.shape[0], 2 * qweight.shape[1]
         out_w, out_s = torch.empty_like(qweight), torch.empty_like(scales)
         rc = self._lib.tv_pack_q4_x16(self._ctx, n, k, group_size, qweight.data_ptr(), scales.data_ptr(),
-                                      out_w.data_ptr(), out_s.data_ptr(), 1 | (2 if release_source else 0))
+                                      out_w.data_ptr(), out_s.data_ptr(),
+                                      _PACK_HUGE_PAGES | (_PACK_RELEASE_SOURCE if release_source else 0))
         if rc == _RC_BUSY:
             raise RuntimeError(f"{self!r} was called from two threads at once: open one Kernels per thread")
         if rc != 0:

@@ -113,7 +113,7 @@ X16 = 16  # output columns per block of the x16 layout
 
 def unpack_x16(packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The stored int4 form (``qweight`` [N, K/2] in Q4_0 order, ``scales`` [N, K/g]) of a weight
-    the kernels repacked in place to their x16 layout (``kernels/csrc/kernels_x16.h``): per block
+    the kernels repacked to their x16 layout (``kernels/csrc/kernels_x16.h``): per block
     of 16 rows, per group and 8-element piece, 64 bytes whose lane ``l`` (4 bytes) holds row
     ``16b + l``'s elements ``8p .. 8p+3`` (low nibbles) and ``8p+4 .. 8p+7`` (high); scales
     ``[K/g, 16]`` per block."""
