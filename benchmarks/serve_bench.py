@@ -3,8 +3,8 @@
     python benchmarks/serve_bench.py                                  # the built-in model
     python benchmarks/serve_bench.py --bundle tinygptv-q4 --threads 2 # a full-size bundle
 
-Measures (the engine here, ``tinyv caption`` in-process and then ``tinyv serve`` in a process of
-its own — so its clients here never share its interpreter — all on one embedding cache, so the
+Measures (the engine here and ``tinyv serve`` in a process of its own — so its clients here never
+share its interpreter — then ``tinyv caption`` in-process, all on one embedding cache, so the
 image is encoded once; the weights are memory-mapped, so the loads share their pages):
 
 1. the batched decode step alone (``PhiForCausalLM.decode_batch`` on the engine's worker): step
@@ -13,9 +13,9 @@ image is encoded once; the weights are memory-mapped, so the loads share their p
    stream's decode tok/s, then ``--streams`` concurrent streams' aggregate decode tok/s (tokens
    emitted while all of them were decoding, over that window); these answers run to ``--tokens``
    (``ignore_eos``: the built-in model would stop after a dozen);
-3. TTFT of ``Engine.stream`` and of the same request through a server on the same engine (HTTP,
-   JSON, base64, image check and scheduling included), in turns, prefix cached; the median of the
-   pairs' differences is the server's added latency;
+3. TTFT of ``Engine.stream`` here and of the same request through the server (HTTP, JSON, base64,
+   image check and scheduling included), in turns, prefix cached, ``--ttft-runs`` pairs; the
+   median of the pairs' differences is the server's added latency;
 4. the server's greedy answer against ``tinyv caption --json``'s.
 
 Medians of ``--runs``. Prints a table and one JSON object (``--json``: the object only). The
@@ -166,6 +166,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=48, help="max_tokens per answer")
     ap.add_argument("--streams", type=int, default=4)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--ttft-runs", type=int, default=20, help="pairs of TTFT measurements (part 3)")
     ap.add_argument("--step-runs", type=int, default=10, help="rounds of batched steps (part 1)")
     ap.add_argument("--image", default=None, help="an image file (default: a generated scene)")
     ap.add_argument("--temperature", type=float, default=0.0, help="for the speed runs (greedy by default)")
@@ -182,12 +183,13 @@ def main():
     from PIL import Image
 
     from tinyv.cli.main import cli
-    from tinyv.serve.app import ServerSettings
-    from tinyv.serve.server import BackgroundServer
 
-    image = Image.open(args.image).convert("RGB") if args.image else demo_image()
-    raw = png_bytes(image)
-    image_url = "data:image/png;base64," + base64.b64encode(raw).decode()
+    if args.image:  # its own bytes, as an app would send the photo
+        raw = open(args.image, "rb").read()
+        mime = Image.MIME[Image.open(io.BytesIO(raw)).format]
+    else:
+        raw, mime = png_bytes(demo_image()), "image/png"
+    image_url = f"data:{mime};base64," + base64.b64encode(raw).decode()
     t = time.perf_counter()
     engine = tinyv.load(args.bundle, threads=args.threads)
     out = {"bundle": args.bundle or "built-in demo", "threads": args.threads, "temperature": args.temperature,
@@ -208,35 +210,33 @@ def main():
             pass
         return ttft
 
-    # TTFT: the same request through Engine.stream and through a server on this very engine, in
-    # turns (the client shares this interpreter, but it only waits during a TTFT)
-    with BackgroundServer(engine, ServerSettings(model="bench")) as server:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0, timeout=3600)
-        engine_ttft()
-        pairs = []
-        for _ in range(args.runs):
-            e_ttft = engine_ttft()
-            s = stream_times(client, image_url, QUESTIONS[0], 2, 0.0)
-            pairs.append((e_ttft, s["first"] - s["sent"]))
-    out["engine_ttft_ms"] = statistics.median(p[0] for p in pairs) * 1000
-    out["server_ttft_ms"] = statistics.median(p[1] for p in pairs) * 1000
-    out["server_added_ms"] = statistics.median(p[1] - p[0] for p in pairs) * 1000
-    out["server_added_pct_of_ttft"] = 100 * out["server_added_ms"] / out["engine_ttft_ms"]
-    progress("TTFT pairs (Engine.stream, server), ms", [[round(x * 1000, 1) for x in p] for p in pairs])
-    engine.close()
-    del engine
-    with tempfile.NamedTemporaryFile(suffix=".png") as f:
-        f.write(raw)
-        f.flush()
-        r = CliRunner().invoke(cli, ["caption", f.name, "--json", "--max-new-tokens", str(args.tokens), "--threads",
-                                     str(args.threads)] + (["--bundle", args.bundle] if args.bundle else []))
-        assert r.exit_code == 0, r.output
-        cli_text = json.loads(r.stdout.strip().splitlines()[-1])["text"]
-
+    # TTFT: the same request through Engine.stream here and through the server in its own process
+    # (its event loop never waits for this interpreter), in turns, so a busy machine weighs on both
     proc, url = start_server(args)
     try:
         client = openai.OpenAI(base_url=url, api_key="-", max_retries=0, timeout=3600)
-        stream_times(client, image_url, QUESTIONS[0], 2, 0.0)  # the server's prefix cache warms
+        for _ in range(2):  # both prefix caches warm, both sides' first-call costs paid
+            engine_ttft()
+            stream_times(client, image_url, QUESTIONS[0], 2, 0.0)
+        pairs = []
+        for _ in range(args.ttft_runs):
+            e_ttft = engine_ttft()
+            s = stream_times(client, image_url, QUESTIONS[0], 2, 0.0)
+            pairs.append((e_ttft, s["first"] - s["sent"]))
+        out["engine_ttft_ms"] = statistics.median(p[0] for p in pairs) * 1000
+        out["server_ttft_ms"] = statistics.median(p[1] for p in pairs) * 1000
+        out["server_added_ms"] = statistics.median(p[1] - p[0] for p in pairs) * 1000
+        out["server_added_pct_of_ttft"] = 100 * out["server_added_ms"] / out["engine_ttft_ms"]
+        progress("TTFT pairs (Engine.stream, server), ms", [[round(x * 1000, 1) for x in p] for p in pairs])
+        engine.close()
+        del engine
+        with tempfile.NamedTemporaryFile(suffix=".png") as f:
+            f.write(raw)
+            f.flush()
+            r = CliRunner().invoke(cli, ["caption", f.name, "--json", "--max-new-tokens", str(args.tokens),
+                                         "--threads", str(args.threads)] + (["--bundle", args.bundle] if args.bundle else []))
+            assert r.exit_code == 0, r.output
+            cli_text = json.loads(r.stdout.strip().splitlines()[-1])["text"]
         singles, runs = [], []
         for _ in range(args.runs):  # one stream, then several, in turns: load moves both alike
             singles.append(stream_times(client, image_url, QUESTIONS[0], args.tokens, args.temperature))

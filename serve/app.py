@@ -31,7 +31,7 @@ from starlette.routing import Route
 from tinyv.engine.batching import DEFAULT_MAX_BATCH, Batcher
 from tinyv.errors import TinyVError
 from tinyv.serve.chat import parse_chat_request
-from tinyv.serve.images import ImagePolicy, load_image
+from tinyv.serve.images import CheckedImages, ImagePolicy, load_image
 from tinyv.serve.openai_shapes import ApiError, Completion, error_body, model_list, usage
 
 log = logging.getLogger("tinyv.serve")
@@ -51,6 +51,7 @@ class ServerSettings:
 def create_app(engine, settings: ServerSettings = ServerSettings()) -> Starlette:
     """The app serving ``engine``; its batch scheduler is ``app.state.batcher``."""
     batcher = Batcher(engine, settings.max_batch)
+    checked_images = CheckedImages(settings.images.max_pixels)
     created = int(time.time())
 
     async def chat_completions(request: Request):
@@ -63,7 +64,7 @@ def create_app(engine, settings: ServerSettings = ServerSettings()) -> Starlette
         chat = parse_chat_request(body, engine.prompt_format)
         # decoding the image and tokenizing the conversation can take a while: off the event loop
         await asyncio.to_thread(check_context, engine, chat.prompt)
-        image = await asyncio.to_thread(load_image, chat.image_url, settings.images)
+        image = await asyncio.to_thread(load_image, chat.image_url, settings.images, checked_images)
         try:
             stream = batcher.submit(image, prompt=chat.prompt, stop_strings=chat.stop, **chat.options)
         except TinyVError as e:

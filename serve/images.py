@@ -5,16 +5,21 @@ URLs are refused unless the operator allows them (``--allow-url-images``, ``--al
 a web page that can reach the server must not make it fetch from the network or read local files.
 Whatever the source, the bytes must be an image of an accepted format within the pixel limit —
 checked here, before the request is queued, so the answer is a clear 400 and never work on the
-engine's thread.
+engine's thread. An image that passed is remembered by its digest (``CheckedImages``): every turn
+of a conversation sends its image again, and decoding a photo again only to check it costs more
+than the server's whole share of the answer's first token.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from tinyv.serve.openai_shapes import ApiError
@@ -34,8 +39,31 @@ class ImagePolicy:
     fetch_timeout_s: float = 30.0
 
 
-def load_image(url: str, policy: ImagePolicy) -> bytes:
-    """The bytes of the image at ``url``, checked (an ``ApiError`` 400 says what is wrong)."""
+class CheckedImages:
+    """``check_image`` for any thread, remembering the digests of the last ``size`` images that
+    passed (the check depends on the bytes and the pixel limit only, and the limit is the server's)."""
+
+    def __init__(self, max_pixels: int, size: int = 256):
+        self.max_pixels, self.size = max_pixels, size
+        self._passed: OrderedDict[bytes, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def check(self, data: bytes) -> None:
+        digest = hashlib.sha256(data).digest()
+        with self._lock:
+            if digest in self._passed:
+                self._passed.move_to_end(digest)
+                return
+        check_image(data, self.max_pixels)
+        with self._lock:
+            self._passed[digest] = None
+            while len(self._passed) > self.size:
+                self._passed.popitem(last=False)
+
+
+def load_image(url: str, policy: ImagePolicy, checked: CheckedImages | None = None) -> bytes:
+    """The bytes of the image at ``url``, checked (an ``ApiError`` 400 says what is wrong); through
+    ``checked`` when given, so an image seen before is not decoded again."""
     scheme = urllib.parse.urlsplit(url).scheme.lower() if ":" in url else ""
     if scheme == "data":
         data = _from_data_url(url)
@@ -54,7 +82,10 @@ def load_image(url: str, policy: ImagePolicy) -> bytes:
     else:
         raise ApiError(400, f"an image_url must be a data: URL with a base64 PNG, JPEG or WebP image, got "
                             f"{url[:40]!r}", PARAM, "invalid_image_url")
-    check_image(data, policy.max_pixels)
+    if checked is None:
+        check_image(data, policy.max_pixels)
+    else:
+        checked.check(data)
     return data
 
 

@@ -23,7 +23,8 @@ import tinyv
 from tinyv.cli.main import cli
 from tinyv.demo.scenes import make_scene
 from tinyv.serve.app import ServerSettings
-from tinyv.serve.images import ImagePolicy
+from tinyv.serve.images import CheckedImages, ImagePolicy
+from tinyv.serve.openai_shapes import ApiError
 from tinyv.serve.server import BackgroundServer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -332,6 +333,37 @@ def test_jpeg_and_webp_images(client, demo):
         url = f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
         r = client.chat.completions.create(model="m", messages=[image_message(url)])
         assert r.choices[0].message.content == alone(demo, buf.getvalue())
+
+
+def test_an_image_that_passed_is_not_decoded_again(monkeypatch):
+    """Every turn of a conversation resends its image: the check decodes it once; bytes that fail
+    are refused every time; only the last ``size`` images are remembered."""
+    import tinyv.serve.images as images
+
+    decoded = []
+    real = images.check_image
+    monkeypatch.setattr(images, "check_image", lambda data, limit: (decoded.append(data), real(data, limit)))
+    pngs = []
+    for colour in ("red", "green", "blue"):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), colour).save(buf, "PNG")
+        pngs.append(buf.getvalue())
+    checked = CheckedImages(max_pixels=1000, size=2)
+    checked.check(pngs[0])
+    checked.check(pngs[0])
+    assert decoded == [pngs[0]]
+    for _ in range(2):
+        with pytest.raises(ApiError, match="not a readable"):
+            checked.check(pngs[1][:40])
+    assert len(decoded) == 3
+    checked.check(pngs[1])
+    checked.check(pngs[2])  # pushes pngs[0] out
+    checked.check(pngs[0])
+    assert decoded[3:] == [pngs[1], pngs[2], pngs[0]]
+    too_big = io.BytesIO()
+    Image.new("RGB", (40, 40)).save(too_big, "PNG")
+    with pytest.raises(ApiError, match="over this server's limit"):
+        checked.check(too_big.getvalue())
 
 
 @pytest.mark.parametrize("stage, want", [
