@@ -38,6 +38,9 @@ def open_session(model, threads: int | None = None, *, prepack: bool = True, are
     if not prepack:
         opts.add_session_config_entry("session.disable_prepacking", "1")
     opts.enable_cpu_mem_arena = arena
+    # a memory pattern would hold every activation buffer of the plan at once (full-size int8 graph:
+    # peak 1.63 GB with it, 1.56 GB without, encode no slower)
+    opts.enable_mem_pattern = False
     try:
         return ort.InferenceSession(model, opts, providers=list(providers))
     except Exception as e:  # onnxruntime raises its own types for bad graphs

@@ -101,6 +101,17 @@ def _value_infos(model) -> dict:
     """name -> ValueInfoProto for every graph value (shape inference on the weightless graph)."""
     import onnx
 
+    # ONNX's shape inference knows no com.microsoft op and would stop at the fused attention: a
+    # stand-in of the same shape and type (its query) takes its place, for the types only
+    if any(n.op_type == "MultiHeadAttention" for n in model.graph.node):
+        stand_in = onnx.ModelProto()
+        stand_in.CopyFrom(model)
+        for n in stand_in.graph.node:
+            if n.op_type == "MultiHeadAttention":
+                n.op_type, n.domain = "Identity", ""
+                del n.input[1:]
+                del n.attribute[:]
+        model = stand_in
     inferred = onnx.shape_inference.infer_shapes(model)
     g = inferred.graph
     return {v.name: v for v in [*g.value_info, *g.input, *g.output]}

@@ -63,6 +63,8 @@ def quantize_pieces(src: str, dst: str, per_channel: bool, piece_bytes: int | No
                 per_channel=per_channel,
                 op_types_to_quantize=["MatMul"],  # weight MatMuls; the patch-embed Conv stays fp32
                 nodes_to_exclude=keep,
+                # shape inference knows no type for the fused attention's output (com.microsoft)
+                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
             )
             os.remove(piece_in)
             q = onnx.load(piece_out)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tinyv.export.attention_fusion import MS_DOMAIN, fuse_vit_attention
 from tinyv.export.onnx_writer import TensorWriter, save_model
 
 INPUT = "pixel_values"  # [B, 3, S, S]
@@ -63,7 +64,8 @@ def write_fp32_graph(encoder: VisionEncoder, path: str, image_size: int, opset: 
     """Trace ``encoder`` and write it to ``path`` with its weights in ``path + '.data'``.
 
     Nodes that depend on weights only (weight transposes, the q/0/v bias concatenation) are
-    evaluated here and become initializers, one tensor in memory at a time.
+    evaluated here and become initializers, one tensor in memory at a time; the ViT's attention
+    becomes ONNX Runtime's fused node (``attention_fusion``).
     """
     import onnx
 
@@ -92,7 +94,11 @@ def write_fp32_graph(encoder: VisionEncoder, path: str, image_size: int, opset: 
         else:
             kept.append(node)
 
-    used = {i for n in kept for i in n.input} | {o.name for o in graph.output}
+    outputs = {o.name for o in graph.output}
+    kept, fused = fuse_vit_attention(kept, encoder.visual.cfg.heads, const.get, outputs, opset)
+    if fused:
+        proto.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+    used = {i for n in kept for i in n.input} | outputs
     kept = [n for n in kept if n.op_type != "Constant" or n.output[0] in used]
     made = {o for n in kept for o in n.output}
     live = [v for v in dict.fromkeys(i for n in kept for i in n.input) if v in const and v not in made]

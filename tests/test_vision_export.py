@@ -24,7 +24,8 @@ from tinyv.export.vision import (
     probe_images,
 )
 from tinyv.export.vision_quant import quantize_pieces
-from tinyv.export.vision_trace import write_fp32_graph
+from tinyv.export.attention_fusion import fuse_vit_attention
+from tinyv.export.vision_trace import _trace, write_fp32_graph
 
 
 def _pixels(batch, size, seed):
@@ -137,6 +138,39 @@ def test_fp32_graph_has_one_input_one_output_and_a_dynamic_batch(fp32_export, ti
     # the two projections are one MatMul: the folded weight is there, llama_proj's are not
     names = {t.name for t in model.graph.initializer}
     assert "proj.weight.T" in names and not any("llama_proj" in n for n in names)
+
+
+@pytest.mark.parametrize("which", ["fp32", "int8"])
+def test_every_vit_attention_is_one_fused_node(fp32_export, int8_export, tiny_model, which):
+    """The ViT's attention runs as ONNX Runtime's MultiHeadAttention (the scores never whole in
+    memory); the Q-Former's keeps its own nodes. The graph's match with torch is the test above."""
+    out = (fp32_export if which == "fp32" else int8_export)[0]
+    nodes = onnx.load(out / "vision.onnx", load_external_data=False).graph.node
+    cfg = tiny_model.config.vision
+    fused = [n for n in nodes if n.op_type == "MultiHeadAttention"]
+    assert len(fused) == cfg.depth and all(n.domain == "com.microsoft" for n in fused)
+    assert {a.name: a.i for n in fused for a in n.attribute if a.name == "num_heads"} == {"num_heads": cfg.heads}
+    assert not [n for n in nodes if n.op_type == "Softmax" and n.name.startswith("/visual/")]
+    assert [n for n in nodes if n.op_type == "Softmax" and n.name.startswith("/qformer/")]
+
+
+def test_attention_fusion_leaves_what_does_not_match(tiny_model):
+    """A block whose layout differs in one place (here the keys' transpose) keeps its nodes."""
+    cfg = tiny_model.config
+    proto = _trace(VisionEncoder(tiny_model), cfg.image_size, 17)
+    consts = {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in proto.graph.node
+              if n.op_type == "Constant"}
+    outputs = {o.name for o in proto.graph.output}
+    nodes, count = fuse_vit_attention(list(proto.graph.node), cfg.vision.heads, consts.get, outputs, 17)
+    assert count == cfg.vision.depth
+    assert len([n for n in nodes if n.op_type == "MultiHeadAttention"]) == cfg.vision.depth
+    k_t = next(n for n in proto.graph.node if n.op_type == "Transpose" and n.name.startswith("/visual/blocks.1/")
+               and list(n.attribute[0].ints) == [0, 1, 3, 2])
+    k_t.attribute[0].ints[:] = [0, 1, 2, 3]
+    nodes, count = fuse_vit_attention(list(proto.graph.node), cfg.vision.heads, consts.get, outputs, 17)
+    assert count == cfg.vision.depth - 1
+    assert [n.name for n in nodes if n.op_type == "Softmax" and n.name.startswith("/visual/")] == \
+        ["/visual/blocks.1/attn/Softmax"]
 
 
 def test_external_data_when_over_the_threshold(tiny_model, tmp_path):
