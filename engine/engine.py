@@ -29,6 +29,7 @@ from tinyv.engine.llm import build_quant_phi, weight_bytes
 from tinyv.engine.prefix_cache import DEFAULT_MAX_BYTES as DEFAULT_PREFIX_BYTES, PrefixCache
 from tinyv.engine.prompts import PromptFormat
 from tinyv.engine.tokenizer import Tokenizer
+from tinyv.engine.vision_onnx import vision_run_options
 from tinyv.engine.worker import Stream, Worker
 from tinyv.errors import TinyVError
 from tinyv.kernels.quant import QuantConfig
@@ -208,7 +209,7 @@ class Engine:
             if hit is not None:
                 return hit, True
         pixels = preprocess(image, self.config.image_size)
-        out = self.vision.run(None, {self.manifest["vision"].get("input", "pixel_values"): pixels.numpy()})[0]
+        out = self.vision.run(None, {self.manifest["vision"].get("input", "pixel_values"): pixels.numpy()}, vision_run_options())[0]
         embeds = torch.from_numpy(out)
         if use_cache:
             self.cache.put(key, embeds)
@@ -303,3 +304,4 @@ class Session:
 
 
 __all__ = ["Engine", "Session", "GenerationStep"]
+

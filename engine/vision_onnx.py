@@ -47,6 +47,16 @@ def open_session(model, threads: int | None = None, *, prepack: bool = True, are
         raise TinyVError(f"cannot open the vision graph {where} ({str(e).splitlines()[0]}); re-export the bundle") from None
 
 
+def vision_run_options():
+    """Options for one encode: ONNX Runtime's arena gives back what the run took (full size: an
+    image's activations, ~50 MB more than the language model's peak) instead of holding it."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options
+
+
 class OpenInBackground:
     """``open_vision()`` started now on a thread of its own; ``result()`` waits for it and returns
     the session (or raises what opening raised, at first use as a lazy open would).

@@ -235,17 +235,22 @@ def test_int8_export_has_signed_int8_weights(int8_export):
     model = onnx.load(out / "vision.onnx")
     types = {t.name: t.data_type for t in model.graph.initializer}
     assert onnx.TensorProto.INT8 in types.values()
-    assert onnx.TensorProto.UINT8 not in types.values()
     weight_ops = [n for n in model.graph.node if n.op_type in ("MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul")]
     assert weight_ops
     for n in weight_ops:
         assert types.get(n.input[1]) == onnx.TensorProto.INT8, n.name
     assert all(n.name.startswith(INT8_MODULE) for n in weight_ops)
-    # every ViT weight MatMul is int8; the Q-Former's and the projection's stay fp32 (outliers)
-    fp32 = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in types]
-    assert fp32 and not [name for name in fp32 if name.startswith(INT8_MODULE)]
-    assert {name.split("/")[1] for name in fp32} == {"qformer", "proj"}
-    assert types[[n for n in model.graph.node if n.name == "/proj/MatMul"][0].input[1]] == onnx.TensorProto.FLOAT
+    # every ViT weight MatMul is int8; the Q-Former's and the projection's keep fp32 activations
+    # (outliers) with 8-bit weights: MatMulNBits, computed in fp32
+    assert not [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in types]
+    eight = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert {n.name.split("/")[1] for n in eight} == {"qformer", "proj"}
+    for n in eight:
+        attrs = {a.name: a.i for a in n.attribute}
+        assert (attrs["bits"], attrs["block_size"], attrs["accuracy_level"]) == (8, 32, 1), n.name
+        assert types[n.input[1]] == onnx.TensorProto.UINT8
+    unsigned = {n.input[1] for n in eight}
+    assert not [name for name, t in types.items() if t == onnx.TensorProto.UINT8 and name not in unsigned]
 
 
 def test_int8_vision_survives_planted_outlier_channels(tmp_path):
