@@ -209,7 +209,8 @@ class Engine:
             if hit is not None:
                 return hit, True
         pixels = preprocess(image, self.config.image_size)
-        out = self.vision.run(None, {self.manifest["vision"].get("input", "pixel_values"): pixels.numpy()}, vision_run_options())[0]
+        feed = {self.manifest["vision"].get("input", "pixel_values"): pixels.numpy()}
+        out = self.vision.run(None, feed, vision_run_options())[0]
         embeds = torch.from_numpy(out)
         if use_cache:
             self.cache.put(key, embeds)
@@ -304,4 +305,3 @@ class Session:
 
 
 __all__ = ["Engine", "Session", "GenerationStep"]
-
