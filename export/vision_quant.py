@@ -110,8 +110,8 @@ def _weights_8bit(model, names: list[str]):
     (symmetric, a scale per block of 32) computed in fp32 (accuracy level 1)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    inits = {t.name for t in model.graph.initializer}
-    names = [n.name for n in model.graph.node if n.name in set(names) and n.input[1] in inits]
+    inits, wanted = {t.name for t in model.graph.initializer}, set(names)
+    names = [n.name for n in model.graph.node if n.name in wanted and n.input[1] in inits]
     if not names:
         return model
     config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, accuracy_level=1, bits=8)
