@@ -101,27 +101,16 @@ def _value_infos(model) -> dict:
     """name -> ValueInfoProto for every graph value (shape inference on the weightless graph)."""
     import onnx
 
-    # ONNX's shape inference knows no com.microsoft op and would stop at one: a stand-in of the
-    # same output shape and type takes its place, for the types only — the fused attention's
-    # output is its query's, an 8-bit-weight MatMul's that of a MatMul by a [K, N] matrix
-    if any(n.domain == "com.microsoft" for n in model.graph.node):
+    # ONNX's shape inference knows no com.microsoft op and would stop at the fused attention: a
+    # stand-in of the same shape and type (its query) takes its place, for the types only
+    if any(n.op_type == "MultiHeadAttention" for n in model.graph.node):
         stand_in = onnx.ModelProto()
         stand_in.CopyFrom(model)
         for n in stand_in.graph.node:
             if n.op_type == "MultiHeadAttention":
                 n.op_type, n.domain = "Identity", ""
                 del n.input[1:]
-            elif n.op_type == "MatMulNBits":
-                dims = {a.name: a.i for a in n.attribute}
-                weight = f"{n.name}/stand_in_weight"
-                stand_in.graph.input.append(
-                    onnx.helper.make_tensor_value_info(weight, onnx.TensorProto.FLOAT, [dims["K"], dims["N"]]))
-                n.op_type, n.domain = "MatMul", ""
-                del n.input[1:]
-                n.input.append(weight)
-            else:
-                continue
-            del n.attribute[:]
+                del n.attribute[:]
         model = stand_in
     inferred = onnx.shape_inference.infer_shapes(model)
     g = inferred.graph
