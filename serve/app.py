@@ -51,7 +51,7 @@ class ServerSettings:
 def create_app(engine, settings: ServerSettings = ServerSettings()) -> Starlette:
     """The app serving ``engine``; its batch scheduler is ``app.state.batcher``."""
     batcher = Batcher(engine, settings.max_batch)
-    checked_images = CheckedImages(settings.images.max_pixels)
+    checked_images = CheckedImages()
     created = int(time.time())
 
     async def chat_completions(request: Request):

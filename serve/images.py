@@ -40,23 +40,23 @@ class ImagePolicy:
 
 
 class CheckedImages:
-    """``check_image`` for any thread, remembering the digests of the last ``size`` images that
-    passed (the check depends on the bytes and the pixel limit only, and the limit is the server's)."""
+    """``check_image`` for any thread, remembering the last ``size`` images that passed, by digest
+    and pixel limit (all the check depends on)."""
 
-    def __init__(self, max_pixels: int, size: int = 256):
-        self.max_pixels, self.size = max_pixels, size
-        self._passed: OrderedDict[bytes, None] = OrderedDict()
+    def __init__(self, size: int = 256):
+        self.size = size
+        self._passed: OrderedDict[tuple[bytes, int], None] = OrderedDict()
         self._lock = threading.Lock()
 
-    def check(self, data: bytes) -> None:
-        digest = hashlib.sha256(data).digest()
+    def check(self, data: bytes, max_pixels: int) -> None:
+        key = (hashlib.sha256(data).digest(), max_pixels)
         with self._lock:
-            if digest in self._passed:
-                self._passed.move_to_end(digest)
+            if key in self._passed:
+                self._passed.move_to_end(key)
                 return
-        check_image(data, self.max_pixels)
+        check_image(data, max_pixels)
         with self._lock:
-            self._passed[digest] = None
+            self._passed[key] = None
             while len(self._passed) > self.size:
                 self._passed.popitem(last=False)
 
@@ -82,10 +82,7 @@ def load_image(url: str, policy: ImagePolicy, checked: CheckedImages | None = No
     else:
         raise ApiError(400, f"an image_url must be a data: URL with a base64 PNG, JPEG or WebP image, got "
                             f"{url[:40]!r}", PARAM, "invalid_image_url")
-    if checked is None:
-        check_image(data, policy.max_pixels)
-    else:
-        checked.check(data)
+    (check_image if checked is None else checked.check)(data, policy.max_pixels)
     return data
 
 

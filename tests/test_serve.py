@@ -348,22 +348,22 @@ def test_an_image_that_passed_is_not_decoded_again(monkeypatch):
         buf = io.BytesIO()
         Image.new("RGB", (8, 8), colour).save(buf, "PNG")
         pngs.append(buf.getvalue())
-    checked = CheckedImages(max_pixels=1000, size=2)
-    checked.check(pngs[0])
-    checked.check(pngs[0])
+    checked = CheckedImages(size=2)
+    checked.check(pngs[0], 1000)
+    checked.check(pngs[0], 1000)
     assert decoded == [pngs[0]]
     for _ in range(2):
         with pytest.raises(ApiError, match="not a readable"):
-            checked.check(pngs[1][:40])
+            checked.check(pngs[1][:40], 1000)
     assert len(decoded) == 3
-    checked.check(pngs[1])
-    checked.check(pngs[2])  # pushes pngs[0] out
-    checked.check(pngs[0])
+    checked.check(pngs[1], 1000)
+    checked.check(pngs[2], 1000)  # pushes pngs[0] out
+    checked.check(pngs[0], 1000)
     assert decoded[3:] == [pngs[1], pngs[2], pngs[0]]
     too_big = io.BytesIO()
     Image.new("RGB", (40, 40)).save(too_big, "PNG")
     with pytest.raises(ApiError, match="over this server's limit"):
-        checked.check(too_big.getvalue())
+        checked.check(too_big.getvalue(), 1000)
 
 
 @pytest.mark.parametrize("stage, want", [
