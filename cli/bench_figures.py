@@ -60,6 +60,8 @@ def run_bench(engine, image=None, runs: int = 3, pp=(64, 512), tg: int = 128, se
         "kernels": engine.kernel_path,
         "vision": engine.manifest["vision"]["precision"],
     })
+    if not llm_only:
+        out["vision_runtime"] = engine.vision_path
     if gpu is not None:
         from tinyv.engine.gpu import gpu_memory_figures
 
@@ -176,6 +178,7 @@ def format_bench(r: dict, tg: int = 128) -> str:
     ]
     if not r.get("llm_only"):
         lines += [
+            f"vision: {r['vision_runtime']}",
             f"image encode   uncached {ms(r['image_encode_ms']['uncached'])} ms   cached {ms(r['image_encode_ms']['cached'])} ms",
             f"TTFT           image uncached {ms(r['ttft_ms']['image_uncached'])} ms   cached {ms(r['ttft_ms']['image_cached'])} ms"
             f"   first call after load {r['ttft_first_call_ms']:.0f} ms",

@@ -1,4 +1,5 @@
-"""``tinyv.Engine``: runs a bundle — vision graph in ONNX Runtime, quantized Phi-2 in torch.
+"""``tinyv.Engine``: runs a bundle — vision graph in ONNX Runtime (an int8 graph's ViT trunk on
+tinyv's kernels: ``engine/vision_native.py``), quantized Phi-2 in torch.
 
     engine = tinyv.load("bundle/")             # or tinyv.load() for the built-in demo model
     print(engine.caption("photo.jpg"))
@@ -83,11 +84,13 @@ class Engine:
         is cached).
         """
         from tinyv.engine import gpu
+        from tinyv.engine.vision_native import check_vision_setting, open_native
         from tinyv.engine.vision_onnx import OpenInBackground, open_session
         from tinyv.engine.weights import mmap_safetensors
         from tinyv.kernels import native
 
         setting = native.check_setting()  # a mistyped TINYV_KERNELS fails here, before any loading
+        vision_runtime = check_vision_setting()  # and a mistyped TINYV_VISION
         if bundle is None:
             raise TinyVError("name a bundle folder (tinyv.load() with no bundle runs the built-in model)")
         found = load_bundle(bundle, verify=verify)
@@ -98,6 +101,10 @@ class Engine:
         vision_threads = vision_threads or threads
 
         def open_vision():
+            if vision_runtime == "auto" and not placement.on_gpu:
+                session, _ = open_native(vision_path, manifest["vision"].get("data_file"), vision_threads, setting)
+                if session is not None:
+                    return session
             return open_session(vision_path, threads=vision_threads, providers=providers)
 
         if preload_vision:
@@ -179,6 +186,13 @@ class Engine:
         from tinyv.kernels import native
 
         return native.describe(self.kernels)
+
+    @property
+    def vision_path(self) -> str:
+        """One line: what runs the vision graph (opens it if it is not open yet)."""
+        from tinyv.engine.vision_native import describe
+
+        return describe(self.vision)
 
     def run(self, fn, timeout: float | None = None):
         """``fn()`` on the engine's worker, where its model work runs (with its thread settings),

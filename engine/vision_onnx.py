@@ -8,7 +8,7 @@ from tinyv.errors import TinyVError
 
 
 def open_session(model, threads: int | None = None, *, prepack: bool = True, arena: bool = True,
-                 providers=("CPUExecutionProvider",)):
+                 providers=("CPUExecutionProvider",), external_folder: str | None = None):
     """An ONNX Runtime session, all graph optimizations on, for ``vision.onnx`` (a path) or a
     serialized graph (``bytes``); on the CPU unless ``providers`` names others (the GPU path gives
     the CUDA provider first, ``engine/gpu.py``).
@@ -16,6 +16,8 @@ def open_session(model, threads: int | None = None, *, prepack: bool = True, are
     ``prepack=False`` leaves the weights in the mapped data file instead of copying them, and
     ``arena=False`` turns the memory arena off (with it, ONNX Runtime kept ~2 GB after a ViT-g
     piece's session was gone): the exporter's checks of graphs too large to hold twice use both.
+    ``external_folder``: where a serialized graph's external weights are (a piece cut from a
+    bundle's graph, ``engine/vision_native.py``).
     """
     import onnxruntime as ort
 
@@ -38,6 +40,8 @@ def open_session(model, threads: int | None = None, *, prepack: bool = True, are
     if not prepack:
         opts.add_session_config_entry("session.disable_prepacking", "1")
     opts.enable_cpu_mem_arena = arena
+    if external_folder:
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", external_folder)
     # a memory pattern would hold every activation buffer of the plan at once (full-size int8 graph:
     # peak 1.63 GB with it, 1.56 GB without, encode no slower)
     opts.enable_mem_pattern = False

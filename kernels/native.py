@@ -26,7 +26,7 @@ import weakref
 import torch
 
 ISA_NAMES = ("scalar", "avx2", "avx512-vnni", "neon", "neon-dotprod", "neon-i8mm")  # by the C ABI's number
-ABI_VERSION = 5
+ABI_VERSION = 6
 # setting -> the C ABI's ISA number
 _FORCED_ISA = {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 3, "neon-dotprod": 4, "neon-i8mm": 5}
 # a forcing setting -> the path it runs where the CPU has it (tests and benchmarks iterate over it)
@@ -105,6 +105,13 @@ def _open_library(path: str) -> tuple[ctypes.CDLL | None, str]:
     lib.tv_decode_batch.restype = c_int
     lib.tv_decode_batch.argtypes = [ctx_p, ptr, c_int, ptr, ptr, ptr, ptr, ptr, c_int, ptr]
     lib.tv_phi_profile.restype, lib.tv_phi_profile.argtypes = ctypes.c_long, [ptr, ptr, c_int]
+    # the ViT trunk (kernels/vit.py declares the structs)
+    lib.tv_vit_supported.restype = c_int
+    lib.tv_vit_new.restype, lib.tv_vit_new.argtypes = ptr, [ptr]
+    lib.tv_vit_free.restype, lib.tv_vit_free.argtypes = None, [ptr]
+    lib.tv_vit_set_block.restype, lib.tv_vit_set_block.argtypes = c_int, [ctx_p, ptr, c_int, ptr]
+    lib.tv_vit_forward.restype, lib.tv_vit_forward.argtypes = c_int, [ctx_p, ptr, c_int, ptr]
+    lib.tv_vit_profile.restype, lib.tv_vit_profile.argtypes = ctypes.c_long, [ptr, ptr, c_int]
     return lib, ""
 
 

@@ -173,7 +173,7 @@ void run_rows(const Job& j, int n0, int n1) {
 // ---------------------------------------------------------------------------------------------
 // C ABI (documented in tinyv_kernels.h)
 
-TV_EXPORT int tv_abi_version(void) { return 5; }
+TV_EXPORT int tv_abi_version(void) { return 6; }
 
 TV_EXPORT int tv_cpu_features(void) {
     return tinyv::isa_feature_bits(tinyv::cpu_best_isa());

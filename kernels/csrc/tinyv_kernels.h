@@ -1,4 +1,4 @@
-// The C ABI of tinyv's CPU kernels (loaded with ctypes by kernels/native.py; version 4).
+// The C ABI of tinyv's CPU kernels (loaded with ctypes by kernels/native.py; version 6).
 //
 // All state lives in a context the caller creates: its ISA, its thread count and its own thread
 // pool. Nothing on the GEMM path is process-wide, so two contexts used from two threads at the
@@ -13,7 +13,7 @@ extern "C" {
 
 typedef struct tv_ctx tv_ctx;
 
-// 4 for this ABI; the Python side refuses a library with another number.
+// 6 for this ABI; the Python side refuses a library with another number.
 int tv_abi_version(void);
 
 // Bit set of what the CPU offers: 1 = the AVX2 path is usable, 2 = the AVX-512 VNNI path is;
@@ -117,6 +117,53 @@ int tv_decode_batch(tv_ctx* ctx, tv_phi* model, int M, const float* x, const int
 // Nanoseconds spent since the last reset in ns_out[3] = {GEMV phases, attention phases, the
 // rest (norms, quantizing activations, residuals)}; returns the steps they cover; reset if asked.
 long tv_phi_profile(tv_phi* model, double* ns_out, int reset);
+
+// ---- The ViT trunk (vit.cpp): every pre-norm block of an EVA-style ViT whose Linears are int8
+// with one scale per output column (ONNX Runtime's dynamic quantization), in one call: LayerNorm,
+// qkv, softmax attention (bf16 products, fp32 sums), proj + residual, LayerNorm, fc1 + exact GELU,
+// fc2 + residual. Activations are quantized per row to uint8 with a zero point. AVX-512 VNNI +
+// BF16 only (tv_vit_supported); the handle holds its own repacked copy of every weight.
+
+typedef struct tv_vit tv_vit;
+
+typedef struct {
+    int width, heads, head_dim, mlp, blocks;  // width = heads * head_dim, width and mlp multiples of 16
+    float eps;                                // LayerNorm eps
+    float scale;                              // attention scores' scale (head_dim^-0.5 for EVA)
+} tv_vit_dims;
+
+typedef struct {
+    const signed char* w;  // int8 [K, N] row-major (y = x W: ONNX MatMul's B), zero point 0
+    const float* scale;    // [N] per output column
+    const float* bias;     // [N] or NULL
+} tv_vit_linear;
+
+typedef struct {
+    const float *ln1_w, *ln1_b;    // norm1 [width] (b may be NULL)
+    tv_vit_linear qkv;             // [width, 3 width]: q | k | v, each heads x head_dim
+    tv_vit_linear proj;            // [width, width]
+    const float *ln2_w, *ln2_b;    // norm2
+    tv_vit_linear fc1, fc2;        // [width, mlp], [mlp, width]
+} tv_vit_block;
+
+// 1 when this CPU runs the trunk (AVX-512 F/BW/VL/DQ, VNNI and BF16), else 0.
+int tv_vit_supported(void);
+
+// A handle for a trunk of these dimensions (no weights yet); NULL for dimensions it cannot take.
+tv_vit* tv_vit_new(const tv_vit_dims* dims);
+void tv_vit_free(tv_vit* model);
+
+// Block i's weights, copied (repacked) into the handle: the caller's buffers may go afterwards.
+// Returns 0; -1 for bad arguments or a CPU without the path; -2 when busy; -3 out of memory.
+int tv_vit_set_block(tv_ctx* ctx, tv_vit* model, int i, const tv_vit_block* block);
+
+// x [tokens, width] fp32 through every block, in place. Returns 0; -1 for bad arguments (blocks
+// not all set, a CPU without the path); -2 when the context or handle is busy; -3 out of memory.
+int tv_vit_forward(tv_ctx* ctx, tv_vit* model, int tokens, float* x);
+
+// Nanoseconds since the last reset in ns_out[3] = {GEMMs, attention, the rest (LayerNorm and
+// quantizing rows)}; returns the forwards they cover; reset if asked.
+long tv_vit_profile(tv_vit* model, double* ns_out, int reset);
 
 #ifdef __cplusplus
 }
