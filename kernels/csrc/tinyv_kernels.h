@@ -127,7 +127,8 @@ long tv_phi_profile(tv_phi* model, double* ns_out, int reset);
 typedef struct tv_vit tv_vit;
 
 typedef struct {
-    int width, heads, head_dim, mlp, blocks;  // width = heads * head_dim, width and mlp multiples of 16
+    int width, heads, head_dim, mlp, blocks;  // width = heads * head_dim (head_dim even, <= 128), width and
+                                              // mlp multiples of 16
     float eps;                                // LayerNorm eps
     float scale;                              // attention scores' scale (head_dim^-0.5 for EVA)
 } tv_vit_dims;
