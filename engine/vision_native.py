@@ -108,8 +108,8 @@ def _other_input(node, name: str) -> str:
 
 
 def _linear(g: _Graph, x: str) -> tuple[Int8Linear, str] | None:
-    """x → DynamicQuantizeLinear → MatMulInteger (int8 [K, N], zero points 0) → Cast → Mul(scales)
-    → Add(bias): the weights and the output's name."""
+    """x → DynamicQuantizeLinear → MatMulInteger (int8 [K, N], zero points 0) → Cast → Mul(scales,
+    per column or per tensor) → Add(bias): the weights and the output's name."""
     dql = g.only_consumer(x, "DynamicQuantizeLinear")
     if dql is None or len(dql.output) != 3:
         return None
@@ -122,8 +122,9 @@ def _linear(g: _Graph, x: str) -> tuple[Int8Linear, str] | None:
     if w is None or w.dtype != np.int8 or w.ndim != 2 or wz is None or np.any(wz) or wscale is None:
         return None
     N = w.shape[1]
-    if wscale.shape != (N,) or wscale.dtype != np.float32:
+    if wscale.dtype != np.float32 or wscale.shape not in ((N,), (1,), ()):
         return None
+    wscale = np.broadcast_to(wscale.reshape(-1), (N,))  # per tensor or per column
     cast = g.only_consumer(mmi.output[0], "Cast")
     if cast is None or g.attr(cast, "to") != 1:
         return None
