@@ -247,7 +247,7 @@ def test_int8_export_has_signed_int8_weights(int8_export):
     assert {n.name.split("/")[1] for n in eight} == {"qformer", "proj"}
     for n in eight:
         attrs = {a.name: a.i for a in n.attribute}
-        assert (attrs["bits"], attrs["block_size"], attrs["accuracy_level"]) == (8, 32, 1), n.name
+        assert (attrs["bits"], attrs["block_size"], attrs["accuracy_level"]) == (8, 32, 4), n.name
         assert types[n.input[1]] == onnx.TensorProto.UINT8
     unsigned = {n.input[1] for n in eight}
     assert not [name for name, t in types.items() if t == onnx.TensorProto.UINT8 and name not in unsigned]
