@@ -30,7 +30,7 @@ qgemm = Extension(
     depends=[f"kernels/csrc/{h}" for h in ("tinyv_kernels.h", "ctx.h", "job.h", "act.h", "pool.h", "kernels_avx2.h",
                                           "kernels_avx512.h", "kernels_x16.h", "x16_pack.h", "decode_ops.h",
                                           "cpu_features.h", "kernels_neon.h", "kernels_neon_body.h",
-                                          "decode_ops_neon.h", "vit_gemm.h", "vit_attention.h")],
+                                          "decode_ops_neon.h", "vit_math.h", "vit_gemm.h", "vit_attention.h")],
     language="c++",
     extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-Wno-unknown-warning-option",
                         "-Wno-uninitialized", "-Wno-maybe-uninitialized"],

@@ -1,16 +1,19 @@
-"""An int8 vision graph with its ViT trunk on tinyv's kernels and the rest in ONNX Runtime.
+"""A vision graph with its ViT trunk on tinyv's kernels and the rest in ONNX Runtime.
 
 The bundle's ``vision.onnx`` stays the format. At open, the trunk — the run of pre-norm blocks
-that ``tinyv export`` writes for EVA ViT-g in int8 (LayerNorm → DynamicQuantizeLinear →
-MatMulInteger → fused ``MultiHeadAttention`` → … → erf GELU → … → residual Add) — is recognised
-node by node; its weights go to the C trunk (``kernels/vit.py``), and what comes before (the patch
-embedding) and after it (ln_vision, Q-Former, projection) run as two ONNX Runtime sessions cut from
-the same graph, reading their weights from the same data file.
+that ``tinyv export`` writes for EVA ViT-g (LayerNorm → the qkv Linear → fused
+``MultiHeadAttention`` → … → erf GELU → … → residual Add; Linears int8 as DynamicQuantizeLinear →
+MatMulInteger → …, or fp32 MatMuls) — is recognised node by node; its weights go to the C trunk
+(``kernels/vit.py``), and what comes before (the patch embedding) and after it (ln_vision,
+Q-Former, projection) run as two ONNX Runtime sessions cut from the same graph, reading their
+weights from the same data file.
 
 Why (full size, 2 threads, the AVX-512 EPYC): ONNX Runtime runs the trunk's int8 MatMuls at 80-86 %
-of the VNNI peak and its attention in fp32 (34.6 ms a layer); the C trunk runs them at 93 % and the
-attention in bf16 (18.6 ms). A graph that does not match exactly (another layout, fp32 weights, a
-CPU without AVX-512 BF16) is run whole by ONNX Runtime as before: :func:`open_native` says why.
+of the VNNI peak and its attention in fp32 (34.6 ms a layer), and has no bf16 MatMul on x86 (an
+fp32 graph takes 12 s); the C trunk runs int8 GEMMs at 93 %, attention in 17 ms, and fp32 weights
+in bf16 products (the high-precision choice, ``TINYV_VISION=onnxruntime`` for exact fp32). A graph
+that does not match exactly (another layout, a CPU without AVX-512 BF16) is run whole by ONNX
+Runtime as before: :func:`open_native` says why.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import numpy as np
 
 from tinyv.engine.vision_onnx import open_session
 from tinyv.errors import TinyVError
-from tinyv.kernels.vit import Int8Linear, TrunkBlock, TrunkDims, VitTrunk, trunk_supported
+from tinyv.kernels.vit import TrunkLinear, TrunkBlock, TrunkDims, VitTrunk, trunk_supported
 
 SQRT2 = 1.4142135623730951
 SETTINGS = ("auto", "onnxruntime")
@@ -40,8 +43,8 @@ def describe(session) -> str:
     """One line for ``tinyv bench``: what runs an open vision graph."""
     if isinstance(session, NativeVision):
         d = session.trunk.dims
-        return (f"C ViT trunk ({d.blocks} blocks, int8 VNNI GEMMs, bf16 attention) + ONNX Runtime "
-                "(patch embedding, Q-Former)")
+        how = "bf16 GEMMs and attention" if d.bf16 else "int8 VNNI GEMMs, int8 scores, bf16 P·V"
+        return f"C ViT trunk ({d.blocks} blocks, {how}) + ONNX Runtime (patch embedding, Q-Former)"
     return "ONNX Runtime (whole graph)"
 
 
@@ -107,7 +110,25 @@ def _other_input(node, name: str) -> str:
     return node.input[1] if node.input[0] == name else node.input[0]
 
 
-def _linear(g: _Graph, x: str) -> tuple[Int8Linear, str] | None:
+def _linear(g: _Graph, x: str) -> tuple[TrunkLinear, str] | None:
+    """A weight Linear reading ``x``: int8 (:func:`_int8_linear`) or fp32 (MatMul → Add)."""
+    return _int8_linear(g, x) or _fp32_linear(g, x)
+
+
+def _fp32_linear(g: _Graph, x: str) -> tuple[TrunkLinear, str] | None:
+    """x → MatMul(fp32 [K, N]) → Add(bias): the weights (scale None) and the output's name."""
+    mm = g.only_consumer(x, "MatMul")
+    w = g.array(mm.input[1]) if mm is not None and mm.input[0] == x else None
+    if w is None or w.dtype != np.float32 or w.ndim != 2:
+        return None
+    add = g.only_consumer(mm.output[0], "Add")
+    bias = g.array(_other_input(add, mm.output[0])) if add is not None else None
+    if bias is None or bias.shape != (w.shape[1],) or bias.dtype != np.float32:
+        return None
+    return TrunkLinear(w, None, bias), add.output[0]
+
+
+def _int8_linear(g: _Graph, x: str) -> tuple[TrunkLinear, str] | None:
     """x → DynamicQuantizeLinear → MatMulInteger (int8 [K, N], zero points 0) → Cast → Mul(scales,
     per column or per tensor) → Add(bias): the weights and the output's name."""
     dql = g.only_consumer(x, "DynamicQuantizeLinear")
@@ -135,7 +156,7 @@ def _linear(g: _Graph, x: str) -> tuple[Int8Linear, str] | None:
     bias = g.array(_other_input(add, mul.output[0])) if add is not None else None
     if bias is None or bias.shape != (N,):
         return None
-    return Int8Linear(w, wscale, bias), add.output[0]
+    return TrunkLinear(w, wscale, bias), add.output[0]
 
 
 def _layernorm(g: _Graph, node) -> tuple[np.ndarray, np.ndarray | None, float] | None:
@@ -200,7 +221,10 @@ def _block(g: _Graph, x: str) -> tuple[TrunkBlock, str, dict] | None:
     if out is None or ln1[2] != ln2[2] or not heads or not scale:
         return None
     block = TrunkBlock(ln1[0], ln1[1], qkv[0], proj[0], ln2[0], ln2[1], fc1[0], fc2[0])
-    return block, out, {"heads": int(heads), "scale": float(scale), "eps": ln1[2]}
+    fp32 = {lin.scale is None for lin in (block.qkv, block.proj, block.fc1, block.fc2)}
+    if len(fp32) != 1:  # int8 and fp32 Linears mixed: not one of the trunk's precisions
+        return None
+    return block, out, {"heads": int(heads), "scale": float(scale), "eps": ln1[2], "bf16": fp32.pop()}
 
 
 def find_trunk(g: _Graph) -> tuple[str, str, TrunkDims, list[TrunkBlock]] | None:
@@ -211,18 +235,18 @@ def find_trunk(g: _Graph) -> tuple[str, str, TrunkDims, list[TrunkBlock]] | None
         return None
     start = x = first.input[0]
     blocks, facts = [], []
-    while (found := _block(g, x)) is not None:
+    while (found := _block(g, x)) is not None and found[2] == (facts or [found[2]])[0]:
         blocks.append(found[0])
         facts.append(found[2])
         x = found[1]
-    if not blocks or any(f != facts[0] for f in facts):
+    if not blocks:
         return None
     b0 = blocks[0]
     D, F = b0.qkv.weight.shape[0], b0.fc1.weight.shape[1]
     heads = facts[0]["heads"]
     if D % heads or b0.qkv.weight.shape[1] != 3 * D or any(b.fc1.weight.shape != (D, F) for b in blocks):
         return None
-    dims = TrunkDims(D, heads, D // heads, F, len(blocks), facts[0]["eps"], facts[0]["scale"])
+    dims = TrunkDims(D, heads, D // heads, F, len(blocks), facts[0]["eps"], facts[0]["scale"], facts[0]["bf16"])
     return start, x, dims, blocks
 
 
@@ -293,7 +317,7 @@ def open_native(path: str, data_file: str | None, threads: int, kernels_setting:
     g = _Graph(model, os.path.dirname(os.path.abspath(path)), data_file)
     found = find_trunk(g)
     if found is None:
-        return None, "no int8 ViT trunk in the graph (fp32 weights or another layout)"
+        return None, "no ViT trunk the C kernels know in the graph (another layout)"
     start, end, dims, blocks = found
     inputs, outputs = [i.name for i in model.graph.input if i.name not in g.inits], [o.name for o in model.graph.output]
     stem, trunk_nodes, tail = (_nodes_between(g, inputs, [start]), _nodes_between(g, [start], [end]),

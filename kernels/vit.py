@@ -1,9 +1,10 @@
-"""The ViT trunk of an int8 vision graph in one C call (``kernels/csrc/vit.cpp``).
+"""The ViT trunk of a vision graph in one C call (``kernels/csrc/vit.cpp``).
 
 Every pre-norm block of an EVA-style ViT — LayerNorm, qkv, attention, proj + residual, LayerNorm,
-fc1 + exact GELU, fc2 + residual — with int8 weights (one scale per output column, as ONNX
-Runtime's dynamic quantization stores them), activations quantized per row to uint8, and the
-attention fused in bf16 products. AVX-512 VNNI + BF16 CPUs only (:func:`trunk_supported`).
+fc1 + exact GELU, fc2 + residual — fused. Two precisions: int8 weights (one scale per output
+column, as ONNX Runtime's dynamic quantization stores them) with activations quantized per row to
+uint8 and int8 attention scores; or fp32 weights computed in bf16 products with fp32 sums (the
+high-precision graph). AVX-512 VNNI + BF16 CPUs only (:func:`trunk_supported`).
 
 The handle copies (repacks) every weight when it is built: the arrays handed in may be file
 mappings the caller drops afterwards. ``engine/vision_native.py`` finds these weights in a
@@ -32,14 +33,16 @@ class TrunkDims:
     blocks: int
     eps: float
     scale: float  # the attention scores' scale
+    bf16: bool = False  # fp32 weights computed in bf16 (else int8 weights)
 
 
 @dataclass(frozen=True)
-class Int8Linear:
-    """``y = x @ (weight * scale) + bias``: ``weight`` int8 [K, N], ``scale`` fp32 [N]."""
+class TrunkLinear:
+    """``y = x @ (weight * scale) + bias``: ``weight`` int8 [K, N] with ``scale`` fp32 [N], or
+    fp32 [K, N] with ``scale`` None (a bf16 trunk)."""
 
     weight: np.ndarray
-    scale: np.ndarray
+    scale: np.ndarray | None
     bias: np.ndarray | None
 
 
@@ -47,16 +50,16 @@ class Int8Linear:
 class TrunkBlock:
     ln1_w: np.ndarray
     ln1_b: np.ndarray | None
-    qkv: Int8Linear
-    proj: Int8Linear
+    qkv: TrunkLinear
+    proj: TrunkLinear
     ln2_w: np.ndarray
     ln2_b: np.ndarray | None
-    fc1: Int8Linear
-    fc2: Int8Linear
+    fc1: TrunkLinear
+    fc2: TrunkLinear
 
 
 class _Dims(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_int) for n in ("width", "heads", "head_dim", "mlp", "blocks")] + [
+    _fields_ = [(n, ctypes.c_int) for n in ("width", "heads", "head_dim", "mlp", "blocks", "bf16")] + [
         ("eps", ctypes.c_float), ("scale", ctypes.c_float)]
 
 
@@ -99,7 +102,7 @@ class VitTrunk:
         self._kernels = kernels
         self._lib, ctx = kernels.handle()
         self.dims = dims
-        cd = _Dims(dims.width, dims.heads, dims.head_dim, dims.mlp, dims.blocks, dims.eps, dims.scale)
+        cd = _Dims(dims.width, dims.heads, dims.head_dim, dims.mlp, dims.blocks, int(dims.bf16), dims.eps, dims.scale)
         handle = self._lib.tv_vit_new(ctypes.byref(cd))
         if not handle:
             raise ValueError(f"the ViT trunk cannot take {dims}")
@@ -107,6 +110,7 @@ class VitTrunk:
         self._free = weakref.finalize(self, self._lib.tv_vit_free, handle)
         self._free.atexit = False
         D, F = dims.width, dims.mlp
+        want = np.dtype(np.float32 if dims.bf16 else np.int8)
         shapes = {"qkv": (D, 3 * D), "proj": (D, D), "fc1": (D, F), "fc2": (F, D)}
         count = 0
         for i, b in enumerate(blocks):
@@ -121,10 +125,11 @@ class VitTrunk:
                 return None if a is None else a.ctypes.data
 
             def linear(name):
-                lin: Int8Linear = getattr(b, name)
+                lin: TrunkLinear = getattr(b, name)
                 w = np.ascontiguousarray(lin.weight)
-                if w.dtype != np.int8 or w.shape != shapes[name]:
-                    raise ValueError(f"block {i} {name}: expected int8 {shapes[name]}, got {w.dtype} {w.shape}")
+                if w.dtype != want or w.shape != shapes[name] or (lin.scale is None) != dims.bf16:
+                    raise ValueError(f"block {i} {name}: expected {want.name} {shapes[name]}"
+                                     f"{'' if dims.bf16 else ' with scales'}, got {w.dtype} {w.shape}")
                 keep.append(w)
                 n = shapes[name][1]
                 return _Linear(w.ctypes.data, vec(lin.scale, n, f"{name} scale"), vec(lin.bias, n, f"{name} bias"))

@@ -10,7 +10,7 @@ from tinyv import TinyVError
 from tinyv.engine.vision_native import NativeVision, open_native
 from tinyv.engine.vision_onnx import open_session
 from tinyv.kernels.native import open_kernels
-from tinyv.kernels.vit import Int8Linear, TrunkBlock, TrunkDims, VitTrunk, trunk_supported
+from tinyv.kernels.vit import TrunkLinear, TrunkBlock, TrunkDims, VitTrunk, trunk_supported
 
 KERNELS = open_kernels(2)
 needs_trunk = pytest.mark.skipif(not trunk_supported(KERNELS), reason="the C ViT trunk needs AVX-512 VNNI and BF16")
@@ -19,7 +19,7 @@ needs_trunk = pytest.mark.skipif(not trunk_supported(KERNELS), reason="the C ViT
 def _linear(rng, K, N, bias=True):
     w = rng.integers(-127, 128, size=(K, N), dtype=np.int8)
     scale = ((rng.random(N) + 0.5) / (127 * math.sqrt(K))).astype(np.float32)
-    return Int8Linear(w, scale, (0.1 * rng.standard_normal(N)).astype(np.float32) if bias else None)
+    return TrunkLinear(w, scale, (0.1 * rng.standard_normal(N)).astype(np.float32) if bias else None)
 
 
 def _trunk(rng, D, H, F, L):
@@ -40,7 +40,8 @@ def _reference(x, dims: TrunkDims, blocks):
         return None if a is None else torch.tensor(np.asarray(a), dtype=torch.float64)
 
     def lin(h, p):
-        return h @ (t(p.weight) * t(p.scale)) + (0 if p.bias is None else t(p.bias))
+        w = t(p.weight) if p.scale is None else t(p.weight) * t(p.scale)
+        return h @ w + (0 if p.bias is None else t(p.bias))
 
     for b in blocks:
         q, k, v = lin(torch.nn.functional.layer_norm(x, (D,), t(b.ln1_w), t(b.ln1_b), dims.eps), b.qkv).split(D, -1)
@@ -50,6 +51,16 @@ def _reference(x, dims: TrunkDims, blocks):
         h = torch.nn.functional.layer_norm(x, (D,), t(b.ln2_w), t(b.ln2_b), dims.eps)
         x = x + lin(torch.nn.functional.gelu(lin(h, b.fc1)), b.fc2)
     return x.numpy()
+
+
+def _as_fp32(dims: TrunkDims, blocks):
+    """The same trunk with its int8 weights dequantized to fp32: a bf16 trunk."""
+    def lin(p):
+        return TrunkLinear((p.weight * p.scale).astype(np.float32), None, p.bias)
+
+    fp32 = [TrunkBlock(b.ln1_w, b.ln1_b, lin(b.qkv), lin(b.proj), b.ln2_w, b.ln2_b, lin(b.fc1), lin(b.fc2))
+            for b in blocks]
+    return TrunkDims(**{**dims.__dict__, "bf16": True}), fp32
 
 
 def _cosine(a, b):
@@ -66,9 +77,13 @@ def test_trunk_matches_float64_blocks(D, H, F, L, T):
     x = rng.standard_normal((T, D)).astype(np.float32)
     got = VitTrunk(KERNELS, dims, blocks).forward(x)
     ref = _reference(x, dims, blocks)
-    # int8 activations per row and bf16 attention products: what the blocks add, to 1e-4
+    # int8 activations per row and int8 scores: what the blocks add, to 1e-4
     assert _cosine(got - x, ref - x) >= 0.9999
     assert np.abs(got - ref).max() < 0.05 * np.abs(ref - x).max()
+    # the same weights in fp32 through the bf16 trunk: ten times closer
+    bf16 = VitTrunk(KERNELS, *_as_fp32(dims, blocks)).forward(x)
+    assert _cosine(bf16 - x, ref - x) >= 0.99999
+    assert np.abs(bf16 - ref).max() < 0.01 * np.abs(ref - x).max()
 
 
 @needs_trunk
@@ -77,9 +92,10 @@ def test_trunk_is_the_same_on_any_thread_count_and_leaves_its_input_alone():
     dims, blocks = _trunk(rng, 96, 3, 208, 2)
     x = rng.standard_normal((1, 23, 96)).astype(np.float32)
     before = x.copy()
-    outs = [VitTrunk(open_kernels(n), dims, blocks).forward(x) for n in (1, 2, 3)]
-    assert outs[0].shape == x.shape and np.array_equal(x, before)
-    assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+    for trunk in (dims, blocks), _as_fp32(dims, blocks):
+        outs = [VitTrunk(open_kernels(n), *trunk).forward(x) for n in (1, 2, 3)]
+        assert outs[0].shape == x.shape and np.array_equal(x, before)
+        assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
 
 
 @needs_trunk
@@ -106,10 +122,12 @@ def test_trunk_refuses_what_it_cannot_take():
     with pytest.raises(ValueError, match="cannot take"):
         VitTrunk(KERNELS, TrunkDims(272, 2, 136, 128, 2, 1e-6, 0.2), blocks)  # heads wider than 128
     wrong = TrunkBlock(blocks[0].ln1_w, None, _linear(rng, 64, 3 * 64), _linear(rng, 64, 64), blocks[0].ln2_w, None,
-                       Int8Linear(blocks[0].fc1.weight.astype(np.int16), blocks[0].fc1.scale, None),
+                       TrunkLinear(blocks[0].fc1.weight.astype(np.int16), blocks[0].fc1.scale, None),
                        blocks[0].fc2)
     with pytest.raises(ValueError, match="fc1: expected int8"):
         VitTrunk(KERNELS, dims, [wrong, blocks[1]])
+    with pytest.raises(ValueError, match="qkv: expected float32"):  # int8 weights to a bf16 trunk
+        VitTrunk(KERNELS, _as_fp32(dims, blocks)[0], blocks)
     with pytest.raises(ValueError, match="cannot run"):
         VitTrunk(open_kernels(2, "avx2"), dims, blocks)
 
@@ -184,9 +202,22 @@ def test_external_weights_are_read_from_the_data_file_only(tiny_model, tmp_path)
         open_native(str(out / "bad.onnx"), "vision.onnx.data", 2)
 
 
-def test_graphs_without_an_int8_trunk_run_whole_in_onnx_runtime(tiny_bundle):
-    native, why = open_native(_graph_path(tiny_bundle(4, "fp32")), None, 2)
-    assert native is None and "no int8 ViT trunk" in why
+@needs_trunk
+def test_an_fp32_bundle_runs_its_trunk_in_bf16(tiny_bundle, tiny_model):
+    native, _ = open_native(_graph_path(tiny_bundle(4, "fp32")), None, 2)
+    assert native.trunk.dims.bf16 and native.trunk.dims.blocks == tiny_model.config.vision.depth
+    size = tiny_model.config.image_size
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(6))
+    got = native.run(None, {"pixel_values": pixels.numpy()})[0]
+    assert _cosine(got, tiny_model.encode_pixels(pixels).numpy()) >= 0.99999
+
+
+def test_graphs_without_a_known_trunk_run_whole_in_onnx_runtime(tiny_bundle):
+    from tinyv.demo.builtin import DEMO_BUNDLE
+
+    # the shipped demo bundle's graph predates the fused attention: no trunk to take
+    native, why = open_native(_graph_path(DEMO_BUNDLE), None, 2)
+    assert native is None and "no ViT trunk" in why
     native, why = open_native(_graph_path(tiny_bundle(4, "int8")), None, 2, "avx2")
     assert native is None and "AVX-512" in why
 
@@ -198,7 +229,7 @@ def test_the_engine_picks_the_runtime_from_the_graph_and_tinyv_vision(tiny_bundl
     engine = tinyv.load(tiny_bundle(4, "int8"), threads=2, cache_dir=None)
     assert engine.vision_path.startswith("C ViT trunk")
     native_caption = engine.caption(scene, max_new_tokens=4)
-    assert tinyv.load(tiny_bundle(4, "fp32"), threads=2, cache_dir=None).vision_path == "ONNX Runtime (whole graph)"
+    assert "bf16 GEMMs" in tinyv.load(tiny_bundle(4, "fp32"), threads=2, cache_dir=None).vision_path
     monkeypatch.setenv("TINYV_VISION", "onnxruntime")
     whole = tinyv.load(tiny_bundle(4, "int8"), threads=2, cache_dir=None)
     assert whole.vision_path == "ONNX Runtime (whole graph)"

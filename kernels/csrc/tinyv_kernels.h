@@ -118,24 +118,26 @@ int tv_decode_batch(tv_ctx* ctx, tv_phi* model, int M, const float* x, const int
 // rest (norms, quantizing activations, residuals)}; returns the steps they cover; reset if asked.
 long tv_phi_profile(tv_phi* model, double* ns_out, int reset);
 
-// ---- The ViT trunk (vit.cpp): every pre-norm block of an EVA-style ViT whose Linears are int8
-// with one scale per output column (ONNX Runtime's dynamic quantization), in one call: LayerNorm,
-// qkv, softmax attention (bf16 products, fp32 sums), proj + residual, LayerNorm, fc1 + exact GELU,
-// fc2 + residual. Activations are quantized per row to uint8 with a zero point. AVX-512 VNNI +
-// BF16 only (tv_vit_supported); the handle holds its own repacked copy of every weight.
+// ---- The ViT trunk (vit.cpp): every pre-norm block of an EVA-style ViT in one call: LayerNorm,
+// qkv, softmax attention, proj + residual, LayerNorm, fc1 + exact GELU, fc2 + residual. Linears are
+// int8 with one scale per output column (ONNX Runtime's dynamic quantization; activations then
+// quantized per row to uint8 with a zero point, and attention scores in int8), or fp32 computed in
+// bf16 products with fp32 sums (attention too). AVX-512 VNNI + BF16 only (tv_vit_supported); the
+// handle holds its own repacked copy of every weight.
 
 typedef struct tv_vit tv_vit;
 
 typedef struct {
     int width, heads, head_dim, mlp, blocks;  // width = heads * head_dim (head_dim even, <= 128), width and
                                               // mlp multiples of 16
+    int bf16;                                 // 0: int8 weights; 1: fp32 weights computed in bf16 products
     float eps;                                // LayerNorm eps
     float scale;                              // attention scores' scale (head_dim^-0.5 for EVA)
 } tv_vit_dims;
 
 typedef struct {
-    const signed char* w;  // int8 [K, N] row-major (y = x W: ONNX MatMul's B), zero point 0
-    const float* scale;    // [N] per output column
+    const void* w;         // [K, N] row-major (y = x W: ONNX MatMul's B): int8 (zero point 0), or fp32 if bf16
+    const float* scale;    // int8: [N] per output column (NULL if bf16)
     const float* bias;     // [N] or NULL
 } tv_vit_linear;
 

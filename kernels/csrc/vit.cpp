@@ -1,7 +1,8 @@
-// The ViT trunk of an int8 vision graph in one call (tv_vit_forward in tinyv_kernels.h): every
-// pre-norm block of EVA ViT-g (LayerNorm, qkv, attention, proj + residual, LayerNorm, fc1 + exact
-// GELU, fc2 + residual) on the context's pool, with the weights repacked once into the s8q layout
-// (vit_gemm.h) and the attention fused in bf16 (vit_attention.h).
+// The ViT trunk of a vision graph in one call (tv_vit_forward in tinyv_kernels.h): every pre-norm
+// block of EVA ViT-g (LayerNorm, qkv, attention, proj + residual, LayerNorm, fc1 + exact GELU, fc2
+// + residual) on the context's pool, with the weights repacked once (vit_gemm.h): int8 weights to
+// the s8q layout (activations quantized per row), or fp32 ones to bf16 pairs (the high-precision
+// graph: bf16 products, fp32 sums); the attention fused (vit_attention.h).
 //
 // Why not ONNX Runtime: its int8 MatMuls run at 80-86 % of the VNNI peak (these at 93 %), its
 // only fused attention on x86 is fp32 (34.6 ms a layer; 18 ms here), and it takes no custom op
@@ -64,8 +65,8 @@ private:
 };
 
 struct PackedLinear {
-    int K = 0, N = 0, K4 = 0;
-    MappedBytes w;                  // s8q blocks
+    int K = 0, N = 0, K4 = 0, K2 = 0;
+    MappedBytes w;                  // s8q blocks (int8), or b16p blocks (bf16)
     std::vector<int32_t> colsum;
     std::vector<float> wscale, bias;
 };
@@ -145,47 +146,76 @@ TV_VIT void pack_task(void* arg, int i, int n) {
     }
 }
 
-int pack(tv_ctx* ctx, const tv_vit_linear& src, int K, int N, PackedLinear& dst) {
-    if (!src.w || !src.scale) return -1;
-    dst.K = K, dst.N = N, dst.K4 = (K + 3) / 4;
-    if (!dst.w.allocate((size_t)N * 4 * dst.K4)) return -3;
+// Column blocks of one fp32 weight [K, N] to b16p: lane l of pair p = W[2p, 16b+l] | W[2p+1, 16b+l] << 16.
+TV_VIT void pack_task_bf16(void* arg, int i, int n) {
+    auto& t = *(PackTask*)arg;
+    PackedLinear& p = *t.dst;
+    const float* w = (const float*)t.src->w;
+    const int nb = p.N / 16, b0 = (long)nb * i / n, b1 = (long)nb * (i + 1) / n;
+    for (int b = b0; b < b1; b++) {
+        uint32_t* out = (uint32_t*)p.w.data() + (size_t)b * 16 * p.K2;
+        for (int q = 0; q < p.K2; q++) {
+            const int k0 = 2 * q, k1 = 2 * q + 1;
+            const __m512 lo = _mm512_loadu_ps(w + (size_t)k0 * p.N + 16 * b);
+            const __m512 hi = k1 < p.K ? _mm512_loadu_ps(w + (size_t)k1 * p.N + 16 * b) : _mm512_setzero_ps();
+            const __m512i pair = _mm512_or_si512(bf16_bits(lo), _mm512_slli_epi32(bf16_bits(hi), 16));
+            _mm512_storeu_si512(out + (size_t)q * 16, pair);
+        }
+    }
+}
+
+int pack(tv_ctx* ctx, const tv_vit_linear& src, int K, int N, bool bf16, PackedLinear& dst) {
+    if (!src.w || (!bf16 && !src.scale)) return -1;
+    dst.K = K, dst.N = N, dst.K4 = (K + 3) / 4, dst.K2 = (K + 1) / 2;
+    if (!dst.w.allocate(bf16 ? (size_t)N * 4 * dst.K2 : (size_t)N * 4 * dst.K4)) return -3;
     try {
-        dst.colsum.assign(N, 0);
-        dst.wscale.assign(src.scale, src.scale + N);
+        if (!bf16) {
+            dst.colsum.assign(N, 0);
+            dst.wscale.assign(src.scale, src.scale + N);
+        }
         dst.bias = copy_or(src.bias, N, 0.f);
     } catch (const std::bad_alloc&) {
         return -3;
     }
     PackTask t{&src, &dst};
-    parallel_for(ctx, std::max(1, std::min(ctx->threads, N / 16)), pack_task, &t);
+    parallel_for(ctx, std::max(1, std::min(ctx->threads, N / 16)), bf16 ? pack_task_bf16 : pack_task, &t);
     return 0;
 }
 
 // --- one forward ----------------------------------------------------------------------------
 
-struct QuantTask {
+struct RowsTask {
     tv_vit* m;
     const float* x;
     long ldx;
-    int K, K4;
+    int K;
     const float *ln_w, *ln_b;
 };
 
-void quant_task(void* arg, int i, int n) {
-    auto& t = *(QuantTask*)arg;
+// A GEMM's input rows: quantized to uint8 codes (int8 trunk) or converted to bf16 pairs, after
+// the LayerNorm when there is one.
+void rows_task(void* arg, int i, int n) {
+    auto& t = *(RowsTask*)arg;
     tv_vit& m = *t.m;
     const int T = m.tokens, r0 = (long)T * i / n, r1 = (long)T * (i + 1) / n;
+    const int K4 = (t.K + 3) / 4, K2 = (t.K + 1) / 2;
     float* tmp = m.ln_tmp + (size_t)i * m.d.mlp;
-    for (int r = r0; r < r1; r++)
-        quantize_row_u8(t.x + (long)r * t.ldx, t.K, t.K4, m.codes + (size_t)r * 4 * t.K4, &m.ascale[r], &m.azp[r],
-                        t.ln_w, t.ln_b, m.d.eps, tmp);
+    for (int r = r0; r < r1; r++) {
+        const float* x = t.x + (long)r * t.ldx;
+        if (m.d.bf16)
+            convert_row_bf16(x, t.K, K2, (uint32_t*)m.codes + (size_t)r * K2, t.ln_w, t.ln_b, m.d.eps, tmp);
+        else
+            quantize_row_u8(x, t.K, K4, m.codes + (size_t)r * 4 * K4, &m.ascale[r], &m.azp[r], t.ln_w, t.ln_b,
+                            m.d.eps, tmp);
+    }
 }
 
+template <class Gemm>
 void gemm_task(void* arg, int i, int n) {
-    auto& g = *(S8Gemm*)arg;
+    auto& g = *(Gemm*)arg;
     const int pairs = (g.N / 16 + 1) / 2;  // split in pairs of blocks (the tile's width)
     const int b0 = 2 * (int)((long)pairs * i / n), b1 = std::min(g.N / 16, 2 * (int)((long)pairs * (i + 1) / n));
-    s8_gemm_blocks(g, b0, b1);
+    gemm_blocks(g, b0, b1);
 }
 
 struct AttnTask {
@@ -199,7 +229,8 @@ void attn_task(void* arg, int i, int n) {
     s.fit(m.tokens, hd);
     for (int h = i; h < m.d.heads; h += n) {
         const float* q = m.qkv + (size_t)h * hd;
-        attention_head(q, q + D, q + 2 * D, 3L * D, m.d.scale, m.attn + (size_t)h * hd, D, s);
+        if (m.d.bf16) attention_head<false>(q, q + D, q + 2 * D, 3L * D, m.d.scale, m.attn + (size_t)h * hd, D, s);
+        else attention_head<true>(q, q + D, q + 2 * D, 3L * D, m.d.scale, m.attn + (size_t)h * hd, D, s);
     }
 }
 
@@ -220,14 +251,21 @@ void forward(tv_ctx* ctx, tv_vit& m, float* x) {
     const int rows_tasks = std::max(1, std::min(threads, T));
     Phases ph{m};
     auto quantize = [&](const float* src, long ld, int K, const std::vector<float>* lw, const std::vector<float>* lb) {
-        QuantTask q{&m, src, ld, K, (K + 3) / 4, lw ? lw->data() : nullptr, lb ? lb->data() : nullptr};
-        parallel_for(ctx, rows_tasks, quant_task, &q);
+        RowsTask q{&m, src, ld, K, lw ? lw->data() : nullptr, lb ? lb->data() : nullptr};
+        parallel_for(ctx, rows_tasks, rows_task, &q);
         ph.mark(2);
     };
     auto gemm = [&](const PackedLinear& w, float* y, long ldy, int mode) {
-        S8Gemm g{T, w.N, w.K4, m.codes, 4L * w.K4, m.ascale, m.azp, w.w.data(), w.colsum.data(),
-                 w.wscale.data(), w.bias.data(), y, ldy, mode};
-        parallel_for(ctx, std::max(1, std::min(threads, w.N / 32)), gemm_task, &g);
+        const int tasks = std::max(1, std::min(threads, w.N / 32));
+        if (m.d.bf16) {
+            Bf16Gemm g{T, w.N, w.K2, (const uint32_t*)m.codes, w.K2, (const uint32_t*)w.w.data(), w.bias.data(), y,
+                       ldy, mode};
+            parallel_for(ctx, tasks, gemm_task<Bf16Gemm>, &g);
+        } else {
+            S8Gemm g{T, w.N, w.K4, m.codes, 4L * w.K4, m.ascale, m.azp, w.w.data(), w.colsum.data(),
+                     w.wscale.data(), w.bias.data(), y, ldy, mode};
+            parallel_for(ctx, tasks, gemm_task<S8Gemm>, &g);
+        }
         ph.mark(0);
     };
     for (const Block& b : m.blocks) {
@@ -255,7 +293,7 @@ size_t carve(tv_vit& m, int T, int threads, uint8_t* base) {
         at += (bytes + 63) / 64 * 64;
         return p;
     };
-    m.codes = take((size_t)T * 4 * ((widest + 3) / 4));
+    m.codes = take((size_t)T * 4 * ((widest + 3) / 4) * (m.d.bf16 ? 2 : 1));  // bytes, or bf16 pairs
     m.ascale = (float*)take(4L * T);
     m.azp = (int32_t*)take(4L * T);
     m.qkv = (float*)take(4L * T * 3 * D);
@@ -301,7 +339,7 @@ TV_EXPORT int tv_vit_supported(void) {
 TV_EXPORT tv_vit* tv_vit_new(const tv_vit_dims* d) {
     if (!d || d->width <= 0 || d->heads <= 0 || d->head_dim <= 0 || d->head_dim % 2 || d->head_dim > 128 ||
         d->heads * d->head_dim != d->width || d->width % 16 || d->mlp <= 0 || d->mlp % 16 || d->blocks <= 0 ||
-        !(d->eps > 0.f) || !(d->scale > 0.f))
+        !(d->eps > 0.f) || !(d->scale > 0.f) || (d->bf16 != 0 && d->bf16 != 1))
         return nullptr;
     tv_vit* m = new (std::nothrow) tv_vit();
     if (!m) return nullptr;
@@ -335,10 +373,11 @@ TV_EXPORT int tv_vit_set_block(tv_ctx* ctx, tv_vit* m, int i, const tv_vit_block
     } catch (const std::bad_alloc&) {
         rc = -3;
     }
-    if (!rc) rc = pack(ctx, b->qkv, D, 3 * D, blk.qkv);
-    if (!rc) rc = pack(ctx, b->proj, D, D, blk.proj);
-    if (!rc) rc = pack(ctx, b->fc1, D, F, blk.fc1);
-    if (!rc) rc = pack(ctx, b->fc2, F, D, blk.fc2);
+    const bool bf16 = m->d.bf16;
+    if (!rc) rc = pack(ctx, b->qkv, D, 3 * D, bf16, blk.qkv);
+    if (!rc) rc = pack(ctx, b->proj, D, D, bf16, blk.proj);
+    if (!rc) rc = pack(ctx, b->fc1, D, F, bf16, blk.fc1);
+    if (!rc) rc = pack(ctx, b->fc2, F, D, bf16, blk.fc2);
     blk.set = rc == 0;
     m->in_use.store(false, std::memory_order_release);
     ctx->in_use.store(false, std::memory_order_release);

@@ -11,6 +11,11 @@
 // registers with GCC 12 and fall to ~225).
 // y[r, n] = (acc[r, n] - zp[r] * colsum[n]) * scale[r] * wscale[n] + bias[n], then GELU or added
 // into y (the residual), per the epilogue mode.
+//
+// The bf16 GEMM (the high-precision graphs' trunk) has the same shape: layout "b16p", per block of
+// 16 columns and pair p of the reduction, 64 bytes where lane l holds W[2p, 16b + l] (low half) and
+// W[2p + 1, 16b + l] (high) in bf16; a row's pair of activations is one broadcast; vdpbf16ps sums
+// in fp32.
 #pragma once
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -21,7 +26,7 @@
 #include <cstdint>
 #include <cstring>
 
-#define TV_VIT __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,avx2,fma,f16c")))
+#include "vit_math.h"
 
 namespace tinyv {
 
@@ -42,40 +47,11 @@ struct S8Gemm {
     int mode;                  // VitEpilogue
 };
 
-// e^x (|x| < 88): Cephes' expf polynomial in 512 bits, the same as exp256 (decode_ops.h).
-TV_VIT inline __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3f)), _mm512_set1_ps(-87.3f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
-    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
-    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
-    return _mm512_scalef_ps(y, n);
-}
-
-// Exact GELU x/2 (1 + erf(x/√2)), erf by Abramowitz-Stegun 7.1.26 (|error| < 1.5e-7).
-TV_VIT inline __m512 gelu_erf512(__m512 x) {
-    const __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f));
-    const __m512 az = _mm512_abs_ps(z);
-    const __m512 t =
-        _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(az, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.f)));
-    __m512 p = _mm512_set1_ps(1.061405429f);
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
-    p = _mm512_mul_ps(p, t);
-    const __m512 e = exp512(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), az), az));
-    __m512 erf_abs = _mm512_fnmadd_ps(p, e, _mm512_set1_ps(1.f));
-    const __m512 erf = _mm512_castsi512_ps(_mm512_or_si512(
-        _mm512_castps_si512(erf_abs), _mm512_and_si512(_mm512_castps_si512(z), _mm512_set1_epi32(0x80000000))));
-    return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(erf, _mm512_set1_ps(1.f)));
+// The epilogue of 16 columns of one row: GELU, or the residual added, per the mode.
+TV_VIT inline void vit_store(float* y, __m512 v, int mode) {
+    if (mode == VIT_GELU) v = gelu_erf512(v);
+    else if (mode == VIT_ADD) v = _mm512_add_ps(v, _mm512_loadu_ps(y));
+    _mm512_storeu_ps(y, v);
 }
 
 // Rows m0..m0+MR x blocks b0..b0+NR of y.
@@ -105,45 +81,117 @@ TV_VIT void s8_tile(const S8Gemm& g, int m0, int b0) {
         for (int r = 0; r < MR; r++) {
             const __m512i zc = _mm512_mullo_epi32(cs, _mm512_set1_epi32(g.azp[m0 + r]));
             const __m512 s = _mm512_mul_ps(ws, _mm512_set1_ps(g.ascale[m0 + r]));
-            __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][c], zc)), s, bias);
-            float* y = g.y + (long)(m0 + r) * g.ldy + n;
-            if (g.mode == VIT_GELU) v = gelu_erf512(v);
-            else if (g.mode == VIT_ADD) v = _mm512_add_ps(v, _mm512_loadu_ps(y));
-            _mm512_storeu_ps(y, v);
+            vit_store(g.y + (long)(m0 + r) * g.ldy + n,
+                      _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][c], zc)), s, bias), g.mode);
         }
     }
 }
 
-template <int NR>
-TV_VIT void s8_rows_tail(const S8Gemm& g, int m, int b) {
+template <class Gemm>
+struct TileOf;  // Tile<MR, NR>(gemm, m0, b0) for a GEMM type
+template <>
+struct TileOf<S8Gemm> {
+    template <int MR, int NR>
+    TV_VIT static void run(const S8Gemm& g, int m, int b) { s8_tile<MR, NR>(g, m, b); }
+};
+
+template <class Gemm, int NR>
+TV_VIT void rows_tail(const Gemm& g, int m, int b) {
+    using T = TileOf<Gemm>;
     switch (g.M - m) {
-        case 7: return s8_tile<7, NR>(g, m, b);
-        case 6: return s8_tile<6, NR>(g, m, b);
-        case 5: return s8_tile<5, NR>(g, m, b);
-        case 4: return s8_tile<4, NR>(g, m, b);
-        case 3: return s8_tile<3, NR>(g, m, b);
-        case 2: return s8_tile<2, NR>(g, m, b);
-        default: return s8_tile<1, NR>(g, m, b);
+        case 7: return T::template run<7, NR>(g, m, b);
+        case 6: return T::template run<6, NR>(g, m, b);
+        case 5: return T::template run<5, NR>(g, m, b);
+        case 4: return T::template run<4, NR>(g, m, b);
+        case 3: return T::template run<3, NR>(g, m, b);
+        case 2: return T::template run<2, NR>(g, m, b);
+        default: return T::template run<1, NR>(g, m, b);
     }
 }
 
-// Column blocks [b_begin, b_end) for every row: 16 blocks at a time (K = 1408: 352 KB of weights)
-// stay in L2 while all rows pass over them.
-TV_VIT inline void s8_gemm_blocks(const S8Gemm& g, int b_begin, int b_end) {
+// Column blocks [b_begin, b_end) for every row: 16 blocks at a time (int8, K = 1408: 352 KB of
+// weights) stay in L2 while all rows pass over them.
+template <class Gemm>
+TV_VIT void gemm_blocks(const Gemm& g, int b_begin, int b_end) {
+    using T = TileOf<Gemm>;
     constexpr int MRV = 8, NRV = 2, TILE = 16;
     for (int tb = b_begin; tb < b_end; tb += TILE) {
         const int te = std::min(b_end, tb + TILE);
         int m = 0;
         for (; m + MRV <= g.M; m += MRV) {
             int b = tb;
-            for (; b + NRV <= te; b += NRV) s8_tile<MRV, NRV>(g, m, b);
-            if (b < te) s8_tile<MRV, 1>(g, m, b);
+            for (; b + NRV <= te; b += NRV) T::template run<MRV, NRV>(g, m, b);
+            if (b < te) T::template run<MRV, 1>(g, m, b);
         }
         if (m < g.M) {
             int b = tb;
-            for (; b + NRV <= te; b += NRV) s8_rows_tail<NRV>(g, m, b);
-            if (b < te) s8_rows_tail<1>(g, m, b);
+            for (; b + NRV <= te; b += NRV) rows_tail<Gemm, NRV>(g, m, b);
+            if (b < te) rows_tail<Gemm, 1>(g, m, b);
         }
+    }
+}
+
+struct Bf16Gemm {
+    int M, N, K2;              // rows, columns (multiple of 16), reduction in pairs (K padded to 2)
+    const uint32_t* a;         // [M, lda] activation pairs (bf16 low, bf16 high)
+    long lda;
+    const uint32_t* w;         // b16p blocks, 16 * K2 lanes each
+    const float* bias;         // [N] or null
+    float* y;
+    long ldy;
+    int mode;
+};
+
+template <int MR, int NR>
+TV_VIT void bf16_tile(const Bf16Gemm& g, int m0, int b0) {
+    const long wstride = 16L * g.K2;
+    const uint32_t* a = g.a + (long)m0 * g.lda;
+    const uint32_t* w = g.w + b0 * wstride;
+    __m512 acc[MR][NR];
+    for (int r = 0; r < MR; r++)
+        for (int c = 0; c < NR; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int p = 0; p < g.K2; p++) {
+        __m512bh wv[NR];
+        for (int c = 0; c < NR; c++) wv[c] = (__m512bh)_mm512_loadu_si512(w + c * wstride + 16L * p);
+        for (int r = 0; r < MR; r++) {
+            const __m512bh b = (__m512bh)_mm512_set1_epi32((int)a[(long)r * g.lda + p]);
+            for (int c = 0; c < NR; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], b, wv[c]);
+        }
+    }
+    for (int c = 0; c < NR; c++) {
+        const int n = (b0 + c) * 16;
+        const __m512 bias = g.bias ? _mm512_loadu_ps(g.bias + n) : _mm512_setzero_ps();
+        for (int r = 0; r < MR; r++)
+            vit_store(g.y + (long)(m0 + r) * g.ldy + n, _mm512_add_ps(acc[r][c], bias), g.mode);
+    }
+}
+
+template <>
+struct TileOf<Bf16Gemm> {
+    template <int MR, int NR>
+    TV_VIT static void run(const Bf16Gemm& g, int m, int b) { bf16_tile<MR, NR>(g, m, b); }
+};
+
+// One row of K floats (LayerNorm'ed first into `tmp` when `ln_w`) to bf16 pairs, K padded to 2K2.
+TV_VIT inline void convert_row_bf16(const float* x, int K, int K2, uint32_t* out, const float* ln_w,
+                                    const float* ln_b, float eps, float* tmp) {
+    if (ln_w) {
+        layernorm_row(x, K, ln_w, ln_b, eps, tmp);
+        x = tmp;
+    }
+    const int K2full = K / 32 * 16;  // pairs from whole 32-value chunks
+    const __m512i idx_even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i idx_odd = _mm512_add_epi32(idx_even, _mm512_set1_epi32(1));
+    int p = 0;
+    for (; p < K2full; p += 16) {
+        const __m512 lo = _mm512_loadu_ps(x + 2 * p), hi = _mm512_loadu_ps(x + 2 * p + 16);
+        const __m512 ev = _mm512_permutex2var_ps(lo, idx_even, hi), od = _mm512_permutex2var_ps(lo, idx_odd, hi);
+        _mm512_storeu_si512(out + p, _mm512_or_si512(bf16_bits(ev), _mm512_slli_epi32(bf16_bits(od), 16)));
+    }
+    for (; p < K2; p++) {
+        const float e = 2 * p < K ? x[2 * p] : 0.f, o = 2 * p + 1 < K ? x[2 * p + 1] : 0.f;
+        out[p] = (uint32_t)_mm512_cvtsi512_si32(_mm512_or_si512(bf16_bits(_mm512_set1_ps(e)),
+                                                                 _mm512_slli_epi32(bf16_bits(_mm512_set1_ps(o)), 16)));
     }
 }
 
@@ -156,25 +204,7 @@ TV_VIT inline void quantize_row_u8(const float* x, int K, int K4, uint8_t* q, fl
     const int full = K / 16 * 16;
     const __mmask16 tail = (__mmask16)((1u << (K - full)) - 1);
     if (ln_w) {
-        __m512 s = _mm512_setzero_ps();
-        for (int k = 0; k < full; k += 16) s = _mm512_add_ps(s, _mm512_loadu_ps(x + k));
-        s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(tail, x + full));
-        const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(s) / K);
-        __m512 ss = _mm512_setzero_ps();
-        for (int k = 0; k < full; k += 16) {
-            const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(x + k), mean);
-            ss = _mm512_fmadd_ps(d, d, ss);
-        }
-        const __m512 d = _mm512_maskz_sub_ps(tail, _mm512_maskz_loadu_ps(tail, x + full), mean);
-        ss = _mm512_fmadd_ps(d, d, ss);
-        const __m512 rstd = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(ss) / K + eps));
-        for (int k = 0; k < K; k += 16) {
-            const __mmask16 m = k < full ? (__mmask16)0xFFFF : tail;
-            __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + k), mean), rstd);
-            const __m512 b = ln_b ? _mm512_maskz_loadu_ps(m, ln_b + k) : _mm512_setzero_ps();
-            v = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(m, ln_w + k), b);
-            _mm512_mask_storeu_ps(tmp + k, m, v);
-        }
+        layernorm_row(x, K, ln_w, ln_b, eps, tmp);
         x = tmp;
     }
     __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
