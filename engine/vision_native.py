@@ -292,9 +292,10 @@ class NativeVision:
         self.stem, self.trunk, self.tail = stem, trunk, tail
 
     def run(self, output_names, feed: dict, run_options=None) -> list:
-        (x,) = self.stem.run(None, feed, run_options)
+        """``run_options`` (the whole graph's arena shrinkage) is not for these arena-less sessions."""
+        (x,) = self.stem.run(None, feed)
         x = np.stack([self.trunk.forward(image) for image in x])  # [batch, tokens, width]: one sequence each
-        return self.tail.run(output_names, {self.tail.get_inputs()[0].name: x}, run_options)
+        return self.tail.run(output_names, {self.tail.get_inputs()[0].name: x})
 
     def get_inputs(self):
         return self.stem.get_inputs()
@@ -330,8 +331,9 @@ def open_native(path: str, data_file: str | None, threads: int, kernels_setting:
     del found
     # each block's mapped weights dropped once copied: one block's pages resident at a time
     trunk = VitTrunk(kernels, dims, (blocks.pop(0) for _ in range(dims.blocks)))
+    # no arenas: what a run takes is given back at once (an arena kept ~20 MB of the tail's)
     stem_session = open_session(_sub_model(g, stem, inputs, [start]).SerializeToString(), threads=threads,
-                                external_folder=g.folder)
+                                external_folder=g.folder, arena=False)
     tail_session = open_session(_sub_model(g, tail, [end], outputs).SerializeToString(), threads=threads,
-                                external_folder=g.folder)
+                                external_folder=g.folder, arena=False)
     return NativeVision(stem_session, trunk, tail_session), ""
