@@ -84,13 +84,13 @@ class Engine:
         is cached).
         """
         from tinyv.engine import gpu
-        from tinyv.engine.vision_native import check_vision_setting, open_native
-        from tinyv.engine.vision_onnx import OpenInBackground, open_session
+        from tinyv.engine import vision_native
+        from tinyv.engine.vision_onnx import OpenInBackground
         from tinyv.engine.weights import mmap_safetensors
         from tinyv.kernels import native
 
         setting = native.check_setting()  # a mistyped TINYV_KERNELS fails here, before any loading
-        vision_runtime = check_vision_setting()  # and a mistyped TINYV_VISION
+        vision_runtime = vision_native.check_vision_setting()  # and a mistyped TINYV_VISION
         if bundle is None:
             raise TinyVError("name a bundle folder (tinyv.load() with no bundle runs the built-in model)")
         found = load_bundle(bundle, verify=verify)
@@ -101,11 +101,9 @@ class Engine:
         vision_threads = vision_threads or threads
 
         def open_vision():
-            if vision_runtime == "auto" and not placement.on_gpu:
-                session, _ = open_native(vision_path, manifest["vision"].get("data_file"), vision_threads, setting)
-                if session is not None:
-                    return session
-            return open_session(vision_path, threads=vision_threads, providers=providers)
+            return vision_native.open_vision_graph(vision_path, manifest["vision"].get("data_file"), vision_threads,
+                                                   providers, setting, native=vision_runtime == "auto" and
+                                                   not placement.on_gpu)
 
         if preload_vision:
             open_vision = OpenInBackground(open_vision).result

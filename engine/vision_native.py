@@ -26,6 +26,7 @@ from tinyv.errors import TinyVError
 from tinyv.kernels.vit import TrunkLinear, TrunkBlock, TrunkDims, VitTrunk, trunk_supported
 
 SQRT2 = 1.4142135623730951
+INLINE_BYTES = 1 << 16  # a cut-out piece's external weights up to this size are copied into it
 SETTINGS = ("auto", "onnxruntime")
 
 
@@ -65,7 +66,7 @@ class _Graph:
                 self.consumers.setdefault(name, []).append(node)
             if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
                 self.constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-        self._numpy_helper = numpy_helper
+        self.numpy_helper = numpy_helper
 
     def only_consumer(self, name: str, op_type: str):
         readers = self.consumers.get(name, [])
@@ -80,11 +81,11 @@ class _Graph:
         if t is None:
             return None
         if t.data_location != t.EXTERNAL:
-            return self._numpy_helper.to_array(t)
+            return self.numpy_helper.to_array(t)
         info = {e.key: e.value for e in t.external_data}
         if self.data_file is None or info.get("location") != self.data_file:
             raise TinyVError(f"vision graph weight {name} points outside the bundle's data file; re-export the bundle")
-        dtype = self._numpy_helper.helper.tensor_dtype_to_np_dtype(t.data_type)
+        dtype = self.numpy_helper.helper.tensor_dtype_to_np_dtype(t.data_type)
         shape = tuple(t.dims)
         offset, count = int(info.get("offset", 0)), int(np.prod(shape, dtype=np.int64))
         path = os.path.join(self.folder, self.data_file)
@@ -269,18 +270,33 @@ def _nodes_between(g: _Graph, inputs: list[str], outputs: list[str]) -> list | N
     return sorted(nodes.values(), key=lambda n: order[id(n)])
 
 
-def _sub_model(g: _Graph, nodes: list, inputs: list[str], outputs: list[str]):
-    """``nodes`` as a model from ``inputs`` to ``outputs`` whose external weights still point at
-    the data file."""
-    from onnx import helper
+def _sub_model(g: _Graph, nodes: list, inputs: list[str], outputs: list[str], data_name: str | None):
+    """``nodes`` as a model from ``inputs`` to ``outputs`` whose external weights point at the
+    data file under the name ``data_name`` (its real name: in a hub cache the bundle's file is a
+    link into ``blobs/``, and ONNX Runtime refuses data that resolves outside the folder it is told)."""
+    from onnx import TensorProto, helper
+
     used = {i for n in nodes for i in n.input}
     types = {v.name: v for v in list(g.model.graph.input) + list(g.model.graph.output) + list(g.model.graph.value_info)}
 
     def info(name):
         return types.get(name) or helper.make_tensor_value_info(name, 1, None)
 
+    def weight(t):
+        if t.data_location != t.EXTERNAL:
+            return t
+        value = g.array(t.name)
+        if value.nbytes <= INLINE_BYTES:  # shape constants among them: ONNX's shape inference reads no files
+            return g.numpy_helper.from_array(np.array(value), t.name)
+        moved = TensorProto()
+        moved.CopyFrom(t)
+        for entry in moved.external_data:
+            if entry.key == "location":
+                entry.value = data_name
+        return moved
+
     graph = helper.make_graph(nodes, "part", [info(i) for i in inputs], [info(o) for o in outputs],
-                              [t for name, t in g.inits.items() if name in used])
+                              [weight(t) for name, t in g.inits.items() if name in used])
     return helper.make_model(graph, opset_imports=list(g.model.opset_import), ir_version=g.model.ir_version)
 
 
@@ -331,9 +347,22 @@ def open_native(path: str, data_file: str | None, threads: int, kernels_setting:
     del found
     # each block's mapped weights dropped once copied: one block's pages resident at a time
     trunk = VitTrunk(kernels, dims, (blocks.pop(0) for _ in range(dims.blocks)))
+    real = os.path.realpath(os.path.join(g.folder, data_file)) if data_file else g.folder
+    folder, name = os.path.dirname(real), os.path.basename(real) if data_file else None
     # no arenas: what a run takes is given back at once (an arena kept ~20 MB of the tail's)
-    stem_session = open_session(_sub_model(g, stem, inputs, [start]).SerializeToString(), threads=threads,
-                                external_folder=g.folder, arena=False)
-    tail_session = open_session(_sub_model(g, tail, [end], outputs).SerializeToString(), threads=threads,
-                                external_folder=g.folder, arena=False)
+    stem_session = open_session(_sub_model(g, stem, inputs, [start], name).SerializeToString(), threads=threads,
+                                external_folder=folder, arena=False)
+    tail_session = open_session(_sub_model(g, tail, [end], outputs, name).SerializeToString(), threads=threads,
+                                external_folder=folder, arena=False)
     return NativeVision(stem_session, trunk, tail_session), ""
+
+
+def open_vision_graph(path: str, data_file: str | None, threads: int, providers, kernels_setting: str | None,
+                      native: bool = True):
+    """The vision graph ready to run: its trunk on the C kernels where ``native`` and the graph and
+    CPU allow (:func:`open_native`), else the whole graph in ONNX Runtime on ``providers``."""
+    if native:
+        session, _ = open_native(path, data_file, threads, kernels_setting)
+        if session is not None:
+            return session
+    return open_session(path, threads=threads, providers=providers)

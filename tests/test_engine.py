@@ -419,18 +419,18 @@ def test_default_model_is_the_shipped_demo_bundle(tmp_path, scene):
 # -- vision graph opening ----------------------------------------------------------------------------
 
 def test_vision_graph_opens_in_the_background_while_the_model_loads(b4, scene, monkeypatch):
-    """The first new image must not wait seconds for ONNX Runtime to read the graph: it opens on
-    its own thread from the start of the load. preload_vision=False opens it at the first image."""
-    from tinyv.engine import vision_onnx
+    """The first new image must not wait seconds for the graph to be read: it opens on its own
+    thread from the start of the load. preload_vision=False opens it at the first image."""
+    from tinyv.engine import vision_native
 
     opened_on = []
-    real = vision_onnx.open_session
+    real = vision_native.open_vision_graph
 
     def spy(*args, **kw):
         opened_on.append(threading.current_thread().name)
         return real(*args, **kw)
 
-    monkeypatch.setattr(vision_onnx, "open_session", spy)
+    monkeypatch.setattr(vision_native, "open_vision_graph", spy)
     early = Engine.load(b4, cache_dir=None)
     assert early.vision is early.vision  # waits for the background open; opened once
     assert opened_on == ["tinyv-vision-open"]

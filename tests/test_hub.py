@@ -228,7 +228,9 @@ def test_vision_graph_reading_outside_the_bundle_is_rejected(offline_hub, tiny_b
     (folder / MANIFEST).write_text(json.dumps(m))
     offline_hub.add(REPO, str(folder), "3" * 40, "evil")
     with tinyv.load("hf://owner/tiny@evil", cache_dir=None) as engine:
-        with pytest.raises(TinyVError, match="cannot open the vision graph .*(External data path|escapes)"):
+        # refused by tinyv's own check (C trunk) or by ONNX Runtime's (the whole graph in it)
+        with pytest.raises(TinyVError, match="cannot open the vision graph .*(External data path|escapes)"
+                                             "|points outside the bundle's data file"):
             engine.caption(scene, max_new_tokens=2)
 
 
