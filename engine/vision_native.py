@@ -316,16 +316,6 @@ class NativeVision:
     def get_inputs(self):
         return self.stem.get_inputs()
 
-    def warm_up(self) -> None:
-        """Run the two ONNX Runtime pieces once on zeros (~0.3 s, while the engine is still loading
-        its language model): a session's first run sets itself up, and the Q-Former's took 0.44 s
-        where later ones take 0.29 s, on the first image's time."""
-        (shape,) = [[d if isinstance(d, int) else 1 for d in i.shape] for i in self.stem.get_inputs()]
-        if any(isinstance(d, int) and d <= 0 for d in shape):
-            return
-        (x,) = self.stem.run(None, {self.stem.get_inputs()[0].name: np.zeros(shape, np.float32)})
-        self.tail.run(None, {self.tail.get_inputs()[0].name: np.zeros_like(x)})
-
 
 def open_native(path: str, data_file: str | None, threads: int, kernels_setting: str | None = None
                 ) -> tuple[NativeVision | None, str]:
@@ -364,9 +354,7 @@ def open_native(path: str, data_file: str | None, threads: int, kernels_setting:
                                 external_folder=folder, arena=False)
     tail_session = open_session(_sub_model(g, tail, [end], outputs, name).SerializeToString(), threads=threads,
                                 external_folder=folder, arena=False)
-    vision = NativeVision(stem_session, trunk, tail_session)
-    vision.warm_up()
-    return vision, ""
+    return NativeVision(stem_session, trunk, tail_session), ""
 
 
 def open_vision_graph(path: str, data_file: str | None, threads: int, providers, kernels_setting: str | None,
