@@ -60,9 +60,10 @@ def check_question(question, prompt) -> None:
         check_text(prompt, "the prompt")
 
 
-def open_model(opts: dict):
+def open_model(opts: dict, one_shot: bool = False):
     """The bundle engine, or the fp32 reference model when checkpoint options are given: both
-    answer ``stream(image, question, task=..., prompt=..., **options)``."""
+    answer ``stream(image, question, task=..., prompt=..., **options)``. ``one_shot``: the engine
+    will answer once (``Engine.load``: the vision graph and the language model resident in turn)."""
     from tinyv.errors import TinyVError
 
     use_tinyv_image_limit()
@@ -70,7 +71,8 @@ def open_model(opts: dict):
         import tinyv
 
         return tinyv.load(opts.get("bundle"), threads=opts.get("threads"), announce=_err,
-                          device=opts.get("device", "cpu"), max_gpu_memory=opts.get("max_gpu_memory", "8GB"))
+                          device=opts.get("device", "cpu"), max_gpu_memory=opts.get("max_gpu_memory", "8GB"),
+                          one_shot=one_shot)
     if opts.get("bundle"):
         raise TinyVError("give either --bundle or the checkpoint options (--phi2 ...), not both")
     if opts.get("device", "cpu") != "cpu":
@@ -139,7 +141,7 @@ def run_images(images, question, task, prompt, as_json, opts):
     sampling = _sampling(opts)
     images = expand_images(images)
     stdin = read_stdin_image() if STDIN in images else None
-    model = open_model(opts)
+    model = open_model(opts, one_shot=len(images) == 1)
 
     def answer(image, echo):
         source = stdin if image == STDIN else image

@@ -31,6 +31,22 @@ def test_default_model_is_the_announced_demo_and_writes_no_model(runner, scene_p
     assert r2.exit_code == 0 and r2.stdout == r.stdout
 
 
+def test_one_image_is_answered_by_a_one_shot_engine(runner, scene_path, tiny_bundle, monkeypatch):
+    """One image: vision graph and language model resident in turn (Engine.load one_shot); several
+    images share one engine that keeps both; the answers are the same."""
+    import tinyv
+
+    asked, real = [], tinyv.load
+    monkeypatch.setattr(tinyv, "load", lambda *a, **kw: asked.append(kw.get("one_shot")) or real(*a, **kw))
+    args = ["--bundle", tiny_bundle(4, "int8"), "--json", "--max-new-tokens", "5"]
+    one = runner.invoke(cli, ["caption", scene_path] + args)
+    two = runner.invoke(cli, ["caption", scene_path, scene_path] + args)
+    assert one.exit_code == 0 and two.exit_code == 0, one.output + two.output
+    assert asked == [True, False]
+    tokens = [json.loads(line)["tokens"] for line in (one.stdout + two.stdout).splitlines()]
+    assert len(tokens) == 3 and tokens[0] == tokens[1] == tokens[2]
+
+
 def test_json_output_matches_the_library(runner, scene_path, tiny_paths, tiny_model):
     r = runner.invoke(cli, ["caption", scene_path, "--json", "--max-new-tokens", "6"] + _ckpt_args(tiny_paths))
     assert r.exit_code == 0, r.output

@@ -22,6 +22,7 @@ import tinyv.engine.generate as generate_mod
 from tinyv import TinyVError
 from tinyv.cli.main import cli
 from tinyv.engine.bundle import LLM_FILE
+from tinyv.engine.cache import image_key
 from tinyv.demo.builtin import DEMO_BUNDLE
 from tinyv.engine.engine import Engine
 from tinyv.engine.generate import prefill
@@ -438,6 +439,29 @@ def test_vision_graph_opens_in_the_background_while_the_model_loads(b4, scene, m
     assert opened_on == ["tinyv-vision-open"]  # nothing opened for the lazy engine yet
     assert lazy.caption(scene, max_new_tokens=3) == early.caption(scene, max_new_tokens=3)
     assert opened_on[1:] and opened_on[1].startswith("tinyv-engine")  # on the engine's worker, when needed
+
+
+def test_a_one_shot_engine_holds_the_vision_graph_and_the_language_model_in_turn(tiny_bundle, scene, monkeypatch):
+    """tinyv caption of one image: the graph opens at the image and is dropped once it has encoded
+    it, the language model is built only then; the answer is the usual engine's."""
+    from tinyv.engine import vision_native
+
+    bundle = tiny_bundle(4, "int8")
+    opened = []
+    real = vision_native.open_vision_graph
+    monkeypatch.setattr(vision_native, "open_vision_graph", lambda *a, **kw: opened.append(1) or real(*a, **kw))
+    want = _run(Engine.load(bundle, cache_dir=None), scene, max_new_tokens=6)[0]
+    opened.clear()
+    once = Engine.load(bundle, cache_dir=None, one_shot=True)
+    assert once._phi is None and not opened  # nothing built or opened at load
+    steps = iter(once.stream(scene, max_new_tokens=6))
+    first = next(steps)
+    assert once._vision is None and once._phi is not None and opened == [1]
+    assert _tokens([first, *steps]) == want
+    # an image whose embeddings are cached never opens the graph
+    cached = Engine.load(bundle, cache_dir=None, one_shot=True)
+    cached.cache.put(image_key(scene, cached.vision_id), once.encode_image(scene)[0])
+    assert _run(cached, scene, max_new_tokens=6)[0] == want and opened == [1]
 
 
 def test_a_vision_graph_that_fails_to_open_in_the_background_fails_the_first_image(b4, tmp_path, scene):
