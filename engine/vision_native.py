@@ -345,8 +345,10 @@ def open_native(path: str, data_file: str | None, threads: int, kernels_setting:
     if any(id(n) in inner for n in stem + tail):  # the rest reads a value inside the trunk
         return None, "the graph does not cut cleanly around its trunk"
     del found
-    # each block's mapped weights dropped once copied: one block's pages resident at a time
-    trunk = VitTrunk(kernels, dims, (blocks.pop(0) for _ in range(dims.blocks)))
+    try:  # each block's mapped weights dropped once copied: one block's pages resident at a time
+        trunk = VitTrunk(kernels, dims, (blocks.pop(0) for _ in range(dims.blocks)))
+    except ValueError as e:  # weights of other shapes than the first block's: ONNX Runtime judges the graph
+        return None, f"the trunk's weights do not fit it ({e})"
     real = os.path.realpath(os.path.join(g.folder, data_file)) if data_file else g.folder
     folder, name = os.path.dirname(real), os.path.basename(real) if data_file else None
     # no arenas: what a run takes is given back at once (an arena kept ~20 MB of the tail's)

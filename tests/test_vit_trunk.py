@@ -1,5 +1,6 @@
 """The C ViT trunk (kernels/vit.py) and the vision graph run with it (engine/vision_native.py)."""
 import math
+import shutil
 
 import numpy as np
 import onnx
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from tinyv import TinyVError
+from tinyv.engine import vision_native
 from tinyv.engine.vision_native import NativeVision, open_native
 from tinyv.engine.vision_onnx import open_session
 from tinyv.kernels.native import open_kernels
@@ -237,6 +239,24 @@ def test_the_engine_picks_the_runtime_from_the_graph_and_tinyv_vision(tiny_bundl
     monkeypatch.setenv("TINYV_VISION", "fast")
     with pytest.raises(TinyVError, match="TINYV_VISION='fast' is not one of auto, onnxruntime"):
         tinyv.load(tiny_bundle(4, "int8"), threads=2, cache_dir=None)
+
+
+@needs_trunk
+def test_a_trunk_whose_weights_do_not_fit_is_left_to_onnx_runtime(tiny_bundle, tmp_path):
+    # block 1's second LayerNorm shortened: the C trunk refuses it (no ValueError escapes) and the
+    # whole graph goes to ONNX Runtime, whose own checks then judge it
+    from onnx import numpy_helper
+
+    folder = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle(4, "int8"), folder)
+    model = onnx.load(str(folder / "vision.onnx"))
+    ln = next(t for t in model.graph.initializer if t.name.endswith("blocks.1.norm2.weight"))
+    ln.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(ln)[:-16].copy(), ln.name))
+    onnx.save(model, str(folder / "vision.onnx"))
+    native, why = open_native(str(folder / "vision.onnx"), None, 2)
+    assert native is None and "do not fit" in why
+    whole = vision_native.open_vision_graph(str(folder / "vision.onnx"), None, 2, ("CPUExecutionProvider",), None)
+    assert not isinstance(whole, NativeVision)
 
 
 @needs_trunk
