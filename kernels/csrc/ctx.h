@@ -20,6 +20,33 @@ struct tv_ctx {
 
 namespace tinyv {
 
+// A context and a model handle claimed together for one C call, or neither: held() is false when
+// another thread had either (the C ABI's -2). Both are released when the claim goes out of scope.
+class Claim {
+public:
+    Claim(std::atomic<bool>& ctx_in_use, std::atomic<bool>& handle_in_use) : ctx_(ctx_in_use), handle_(handle_in_use) {
+        if (ctx_.exchange(true, std::memory_order_acquire)) return;
+        if (handle_.exchange(true, std::memory_order_acquire)) {
+            ctx_.store(false, std::memory_order_release);
+            return;
+        }
+        held_ = true;
+    }
+    ~Claim() {
+        if (!held_) return;
+        handle_.store(false, std::memory_order_release);
+        ctx_.store(false, std::memory_order_release);
+    }
+    Claim(const Claim&) = delete;
+    Claim& operator=(const Claim&) = delete;
+    bool held() const { return held_; }
+
+private:
+    std::atomic<bool>& ctx_;
+    std::atomic<bool>& handle_;
+    bool held_ = false;
+};
+
 // fn(arg, i, n) for i in [0, n) on the context's pool, the caller as i = 0.
 void parallel_for(tv_ctx* ctx, int n, void (*fn)(void*, int, int), void* arg);
 

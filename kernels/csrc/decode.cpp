@@ -268,11 +268,8 @@ TV_EXPORT int tv_decode_batch(tv_ctx* ctx, tv_phi* m, int M, const float* x, con
         return -1;
     for (int s = 0; s < M; s++)
         if (!k[s] || !v[s] || pos[s] < 0 || pos[s] >= kv_len[s] || pos[s] >= m->d.max_positions) return -1;
-    if (ctx->in_use.exchange(true, std::memory_order_acquire)) return -2;
-    if (m->busy.exchange(true, std::memory_order_acquire)) {
-        ctx->in_use.store(false, std::memory_order_release);
-        return -2;
-    }
+    const Claim claim(ctx->in_use, m->busy);
+    if (!claim.held()) return -2;
     int rc = 0;
     try {
         m->reserve(M);
@@ -299,8 +296,6 @@ TV_EXPORT int tv_decode_batch(tv_ctx* ctx, tv_phi* m, int M, const float* x, con
         m->prof_ns[2] += ns_since(start) - t[0] - t[1];
         m->prof_steps++;
     }
-    m->busy.store(false, std::memory_order_release);
-    ctx->in_use.store(false, std::memory_order_release);
     return rc;
 }
 

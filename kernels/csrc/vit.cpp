@@ -247,11 +247,8 @@ TV_EXPORT int tv_vit_set_block(tv_ctx* ctx, tv_vit* m, int i, const tv_vit_block
 #if defined(__x86_64__) || defined(__i386__)
     using namespace tinyv;
     if (!m || !b || i < 0 || i >= m->d.blocks || !b->ln1_w || !b->ln2_w || !cpu_has_vit()) return -1;
-    if (ctx->in_use.exchange(true, std::memory_order_acquire)) return -2;
-    if (m->in_use.exchange(true, std::memory_order_acquire)) {
-        ctx->in_use.store(false, std::memory_order_release);
-        return -2;
-    }
+    const Claim claim(ctx->in_use, m->in_use);
+    if (!claim.held()) return -2;
     const int D = m->d.width, F = m->d.mlp;
     Block& blk = m->blocks[i];
     int rc = 0;
@@ -267,8 +264,6 @@ TV_EXPORT int tv_vit_set_block(tv_ctx* ctx, tv_vit* m, int i, const tv_vit_block
     if (!rc) rc = pack(ctx, b->fc1, D, F, bf16, blk.fc1);
     if (!rc) rc = pack(ctx, b->fc2, F, D, bf16, blk.fc2);
     blk.set = rc == 0;
-    m->in_use.store(false, std::memory_order_release);
-    ctx->in_use.store(false, std::memory_order_release);
     return rc;
 #else
     (void)ctx, (void)m, (void)i, (void)b;
@@ -282,15 +277,9 @@ TV_EXPORT int tv_vit_forward(tv_ctx* ctx, tv_vit* m, int tokens, float* x) {
     if (!m || !x || tokens <= 0 || !cpu_has_vit()) return -1;
     for (const auto& b : m->blocks)
         if (!b.set) return -1;
-    if (ctx->in_use.exchange(true, std::memory_order_acquire)) return -2;
-    if (m->in_use.exchange(true, std::memory_order_acquire)) {
-        ctx->in_use.store(false, std::memory_order_release);
-        return -2;
-    }
-    const int rc = forward_with_scratch(ctx, *m, tokens, x);
-    m->in_use.store(false, std::memory_order_release);
-    ctx->in_use.store(false, std::memory_order_release);
-    return rc;
+    const Claim claim(ctx->in_use, m->in_use);
+    if (!claim.held()) return -2;
+    return forward_with_scratch(ctx, *m, tokens, x);
 #else
     (void)ctx, (void)m, (void)tokens, (void)x;
     return -1;
